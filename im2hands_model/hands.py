@@ -49,9 +49,7 @@ PARENTS: tuple[int, ...] = (
 )  # fmt: skip
 
 #: The 20 bones as (parent, child) joint pairs, root bones first per finger.
-SKELETON_EDGES: tuple[tuple[int, int], ...] = tuple(
-    (p, c) for c, p in enumerate(PARENTS) if p >= 0
-)
+SKELETON_EDGES: tuple[tuple[int, int], ...] = tuple((p, c) for c, p in enumerate(PARENTS) if p >= 0)
 
 #: Joints of each finger from its root to its tip.
 FINGER_JOINTS: tuple[tuple[int, ...], ...] = tuple(

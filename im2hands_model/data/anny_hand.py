@@ -1,0 +1,225 @@
+"""The Anny hand (PyPI ``anny``, Apache-2.0 code, CC0 MakeHuman assets) as a posable, sealed hand.
+
+``AnnyHand`` wraps ``anny.Anny(rig='anny-hand.R', topology='hand.R')``. It poses the right hand
+from per-bone angles in degrees (flexion, twist, abduction), seals the open wrist with a fan cap
+so the mesh is watertight, and reads the 21 joints (bone heads plus fingertips; see
+:mod:`im2hands_model.hands`). Left hands are made by mirroring the right hand
+(:func:`im2hands_model.hands.mirror_points` and :func:`~im2hands_model.hands.flip_faces`); the
+MakeHuman hand is left/right symmetric, so this is the same shape as Anny's ``hand.L`` with one
+rig convention to pose.
+
+Hand frame (what :meth:`AnnyHand.forward` returns): wrist at the origin, fingers along +y,
+palm facing -x, metres.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from im2hands_model.hands import ANNY_TIP_BONES, anny_joints
+
+#: Anny's phenotype parameters we sample (all in [0, 1]; age: 1/3 child, 2/3 young adult, 1 old).
+PHENOTYPES: tuple[str, ...] = ("gender", "age", "muscle", "weight", "height", "proportions")
+
+#: Bones we pose, by base name, in the order of the angle array.
+POSED_BONES: tuple[str, ...] = (
+    "finger1-1", "finger1-2", "finger1-3",
+    "metacarpal1", "finger2-1", "finger2-2", "finger2-3",
+    "metacarpal2", "finger3-1", "finger3-2", "finger3-3",
+    "metacarpal3", "finger4-1", "finger4-2", "finger4-3",
+    "metacarpal4", "finger5-1", "finger5-2", "finger5-3",
+)  # fmt: skip
+
+_TIP_CAP_MM = 3.0  # fingertip = centroid of the distal-bone vertices within this of the tip end
+
+
+@dataclass
+class PosedHands:
+    """Output of :meth:`AnnyHand.forward` (numpy, float64, hand frame, metres)."""
+
+    vertices: np.ndarray  # [B, V, 3] sealed mesh vertices (V = 1,609 + 1 cap centre)
+    joints: np.ndarray  # [B, 21, 3]
+
+
+def _quiet_import_anny():
+    # Warp (Anny's skinning backend) prints a banner on import; keep CLI output readable.
+    os.environ.setdefault("WARP_LOG_LEVEL", "error")
+    with contextlib.redirect_stdout(io.StringIO()):
+        import anny
+        import warp
+
+        warp.config.quiet = True
+    return anny
+
+
+def _rotation_xyz(angles_deg: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices ``[..., 3, 3]`` for intrinsic x (flexion), y (twist), z (abduction)."""
+    a = torch.deg2rad(angles_deg)
+    cx, cy, cz = torch.cos(a).unbind(-1)
+    sx, sy, sz = torch.sin(a).unbind(-1)
+    one, zero = torch.ones_like(cx), torch.zeros_like(cx)
+    rx = torch.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx], -1)
+    ry = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], -1)
+    rz = torch.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one], -1)
+    shape = angles_deg.shape[:-1] + (3, 3)
+    return rz.reshape(shape) @ ry.reshape(shape) @ rx.reshape(shape)
+
+
+class AnnyHand:
+    """A posable, watertight right hand built on Anny.
+
+    Pose angles are ``[B, len(POSED_BONES), 3]`` degrees about each bone's local axes:
+    x = flexion (positive curls toward the palm), y = twist along the bone, z = abduction with
+    positive toward the thumb side (radial); the sign of z is measured from the rig at start-up so
+    the convention does not depend on Anny's bone axes.
+    """
+
+    def __init__(self, device: str = "cpu") -> None:
+        anny = _quiet_import_anny()
+        self.model = anny.Anny(rig="anny-hand.R", topology="hand.R").to(device)
+        self.device = device
+        labels = [label.rsplit(".", 1)[0] for label in self.model.bone_labels]
+        self.bone_labels = list(self.model.bone_labels)
+        self._wrist_bone = labels.index("wrist")
+        self._pose_index = torch.tensor([labels.index(b) for b in POSED_BONES], device=device)
+        faces = self.model.faces.cpu().numpy().astype(np.int64)
+        self.num_template_vertices = int(self.model.template_vertices.shape[0])
+        rest_vertices, rest_heads = self._run(
+            torch.zeros(1, len(POSED_BONES), 3), np.full((1, 6), 0.5)
+        )
+        self.faces = self._seal(faces, rest_vertices[0])
+        self._tip_sets = self._find_tip_vertices(rest_vertices[0], rest_heads[0], labels)
+        self.probe_vertices = self._find_probe_vertices(rest_vertices[0], rest_heads[0], labels)
+        self._abduction_sign = self._measure_abduction_sign(labels)
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _seal(self, faces: np.ndarray, vertices: np.ndarray) -> np.ndarray:
+        """Close the wrist opening with a fan around an added centre vertex (index V)."""
+        import igl
+
+        loop = np.asarray(igl.boundary_loop(faces))
+        if loop.size < 3:
+            raise RuntimeError("the Anny hand mesh has no wrist opening to seal")
+        centre = np.full(loop.size, self.num_template_vertices)
+        cap = np.stack([np.roll(loop, -1), loop, centre], axis=1)
+        sealed = np.concatenate([faces, cap])
+        # Orientation: the cap must wind like the rest of the mesh (positive volume).
+        v = np.concatenate([vertices, vertices[loop].mean(0, keepdims=True)])  # centre ~ wrist
+        tri = v[sealed]
+        volume = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6
+        if volume < 0:
+            raise RuntimeError("unexpected face orientation in the Anny hand mesh")
+        self._wrist_loop = loop
+        return sealed
+
+    def _find_tip_vertices(
+        self, verts: np.ndarray, heads: np.ndarray, labels: list[str]
+    ) -> list[np.ndarray]:
+        main_bone = self._main_bone()
+        sets = []
+        for bone in ANNY_TIP_BONES:
+            b = labels.index(bone)
+            parent = int(self.model.bone_parents[b])
+            axis = heads[b] - heads[parent]
+            axis /= np.linalg.norm(axis)
+            ids = np.flatnonzero(main_bone == b)
+            along = (verts[ids] - heads[b]) @ axis
+            sets.append(ids[along >= along.max() - _TIP_CAP_MM / 1000.0])
+        return sets
+
+    def _main_bone(self) -> np.ndarray:
+        weights = self.model.vertex_bone_weights
+        return (
+            self.model.vertex_bone_indices[
+                torch.arange(self.num_template_vertices), weights.argmax(1)
+            ]
+            .cpu()
+            .numpy()
+        )
+
+    def _find_probe_vertices(
+        self, verts: np.ndarray, heads: np.ndarray, labels: list[str]
+    ) -> np.ndarray:
+        """Vertices away from every joint crease, on the phalanges: the ones to test for fingers
+        passing through each other or through the palm (skinning folds the skin at a flexed
+        joint, so vertices near joints would report false self-intersections)."""
+        main_bone = self._main_bone()
+        tips = {
+            b: verts[ids].mean(0) for b, ids in zip(ANNY_TIP_BONES, self._tip_sets, strict=True)
+        }
+        probes = []
+        for b, label in enumerate(labels):
+            if not label.startswith("finger"):
+                continue
+            children = [c for c in range(len(labels)) if int(self.model.bone_parents[c]) == b]
+            end = heads[children[0]] if children else tips[label]
+            axis = end - heads[b]
+            ids = np.flatnonzero(main_bone == b)
+            t = (verts[ids] - heads[b]) @ axis / (axis @ axis)
+            upper = 0.7 if children else 2.0
+            probes.append(ids[(t > 0.3) & (t < upper)])
+        return np.concatenate(probes)
+
+    def _measure_abduction_sign(self, labels: list[str]) -> np.ndarray:
+        """+1 where a positive z rotation moves the bone's child toward the thumb side."""
+        n = len(POSED_BONES)
+        angles = torch.zeros(n + 1, n, 3)
+        for i in range(n):
+            angles[i + 1, i, 2] = 10.0
+        verts, heads = self._run(angles, np.full((n + 1, 6), 0.5))
+        radial = heads[0, labels.index("finger2-1")] - heads[0, labels.index("finger5-1")]
+        radial /= np.linalg.norm(radial)  # pinky MCP -> index MCP: toward the thumb
+        moved = (verts[1:] - verts[:1]) @ radial  # [n, V]
+        # Mean radial motion of the vertices that moved: sign of the abduction direction.
+        sign = np.array(
+            [
+                np.sign(m[np.abs(m) > 1e-6].mean()) if (np.abs(m) > 1e-6).any() else 1.0
+                for m in moved
+            ]
+        )
+        return sign
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def _run(self, angles: torch.Tensor, phenotypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Anny's skinned (unsealed) vertices ``[B, 1609, 3]`` and bone heads ``[B, 21, 3]``."""
+        batch = angles.shape[0]
+        dtype = self.model.template_vertices.dtype
+        deltas = torch.eye(4, dtype=dtype, device=self.device)
+        deltas = deltas.repeat(batch, len(self.bone_labels), 1, 1)
+        rot = _rotation_xyz(angles.to(dtype=dtype, device=self.device))
+        deltas[:, self._pose_index, :3, :3] = rot
+        pheno = torch.as_tensor(phenotypes, dtype=dtype, device=self.device)
+        with torch.no_grad():
+            out = self.model(
+                pose_parameters=deltas,
+                phenotype_kwargs=pheno,
+                pose_parameterization="local-bone",
+            )
+        return out["vertices"].cpu().numpy(), out["bone_poses"][:, :, :3, 3].cpu().numpy()
+
+    def forward(self, phenotypes: np.ndarray, angles: np.ndarray) -> PosedHands:
+        """Pose a batch of right hands.
+
+        Args:
+            phenotypes: ``[B, 6]`` values in [0, 1] in :data:`PHENOTYPES` order.
+            angles: ``[B, len(POSED_BONES), 3]`` degrees (flexion, twist, abduction toward thumb).
+
+        Returns:
+            Sealed vertices and the 21 joints, in the hand frame.
+        """
+        angles = np.asarray(angles, dtype=np.float64).copy()
+        angles[..., 2] *= self._abduction_sign
+        raw, heads = self._run(torch.from_numpy(angles), np.asarray(phenotypes, dtype=np.float64))
+        # The cap's centre is the wrist joint itself, so the wrist keypoint lies on the mesh.
+        wrist = heads[:, self._wrist_bone, None]
+        vertices = np.concatenate([raw, wrist], axis=1)
+        tips = np.stack([raw[:, ids].mean(1) for ids in self._tip_sets], axis=1)
+        return PosedHands(vertices=vertices, joints=anny_joints(self.bone_labels, heads, tips))
+
+    __call__ = forward
