@@ -179,6 +179,24 @@ def test_shading_headlight_and_winding(renderer):
     assert c.rgb[128, 128].sum() > 0 and np.array_equal(c.mask, a.mask)
 
 
+def test_per_pixel_lighting_and_two_renderers_in_one_process(renderer):
+    """A second context in the same process; per-pixel and per-vertex lighting look alike."""
+    K = intrinsics(300.0, 300.0, 128.0, 128.0)
+    mesh = (*sphere((0.01, -0.01, 0.5), 0.08), (0.8, 0.6, 0.5))
+    first = renderer.render([mesh], K)
+    other = Renderer(256, 256, per_pixel_lighting=True, supersample=1, msaa=4)
+    try:
+        pixel_lit = other.render([mesh], K)
+        again = renderer.render([mesh], K)  # switching back to the first context
+        np.testing.assert_array_equal(again.rgb, first.rgb)
+        np.testing.assert_array_equal(pixel_lit.mask, first.mask)
+        inside = first.mask == 0
+        diff = np.abs(pixel_lit.rgb.astype(int) - first.rgb.astype(int))[inside]
+        assert diff.mean() < 2.0
+    finally:
+        other.release()
+
+
 def test_vertex_normals_of_sphere_are_radial():
     n = vertex_normals(SPHERE.vertices, SPHERE.faces)
     radial = SPHERE.vertices / np.linalg.norm(SPHERE.vertices, axis=1, keepdims=True)

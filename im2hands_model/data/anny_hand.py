@@ -14,9 +14,6 @@ palm facing -x, metres.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,13 +45,12 @@ class PosedHands:
 
 
 def _quiet_import_anny():
-    # Warp (Anny's skinning backend) prints a banner on import; keep CLI output readable.
-    os.environ.setdefault("WARP_LOG_LEVEL", "error")
-    with contextlib.redirect_stdout(io.StringIO()):
-        import anny
-        import warp
+    # Warp (Anny's skinning backend) prints a banner when Anny initialises it; silence it first.
+    import warp
 
-        warp.config.quiet = True
+    warp.config.log_level = warp.LOG_ERROR
+    import anny
+
     return anny
 
 
