@@ -234,3 +234,10 @@ def test_renderer_in_spawned_worker(renderer):
     with mp.get_context("spawn").Pool(1) as pool:
         n = pool.apply_async(_render_in_child, (64,)).get(timeout=120)
     assert n > 100
+
+
+def test_forked_child_of_a_rendering_process_is_refused(renderer):
+    """Forking after a context exists would hang in Mesa: the child gets a clear error instead."""
+    with mp.get_context("fork").Pool(1) as pool:
+        with pytest.raises(RuntimeError, match="spawn"):
+            pool.apply_async(_render_in_child, (64,)).get(timeout=60)

@@ -14,6 +14,8 @@ Conventions
   like images indexed with keypoints projected by ``K``. A pixel is covered by a triangle iff its
   centre is (OpenGL rasterisation rule), and depth / id are sampled at the pixel centre.
   (Some code uses "pixel centres at integers" instead; convert with ``cx_that = cx_this - 0.5``.)
+  In this convention a crop at pixel offset ``(x0, y0)`` resized by ``s`` is exactly
+  ``fx' = s*fx, cx' = s*(cx - x0)`` (same for y), with no half-pixel terms.
 * ``depth`` is the camera-frame z (not the ray length) in metres, float32, and **0.0 where no
   mesh is**.
 * ``mask`` is int32 with -1 for background and the index of the mesh in the input list elsewhere.
@@ -208,7 +210,7 @@ def _upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def random_background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    """A random procedural background, uint8 [height, width, 3] (cheap numpy, a few ms at VGA).
+    """A random procedural background, uint8 [height, width, 3] (~2-4 ms at 256², ~15 at VGA).
 
     Kinds: linear gradient, smooth colour blobs, multi-octave value noise, stripes, checkers; often
     with a few flat random ellipses / rectangles on top, a random brightness and pixel noise.
@@ -541,8 +543,9 @@ class Renderer:
     Anti-aliasing of the RGB image (the mask and depth are never anti-aliased):
 
     * ``supersample`` (default 2): the scene is shaded at ``supersample`` x the resolution and
-      box-filtered down (an ordered ``s × s`` grid of samples per pixel). On Mesa llvmpipe this is
-      about 3x cheaper than MSAA for the same 4 samples per pixel.
+      box-filtered down (an ordered ``s × s`` grid of samples per pixel). On Mesa llvmpipe it costs
+      about the same CPU time as 4x MSAA (~10 ms for a 256² crop of two hands) and also smooths
+      shading; ``supersample=1, msaa=4`` is the alternative.
     * ``msaa`` (default 0 = off; llvmpipe supports 4): multisampling with a resolve. Can be combined
       with ``supersample``.
 
