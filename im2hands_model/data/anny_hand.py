@@ -14,7 +14,10 @@ palm facing -x, metres.
 
 from __future__ import annotations
 
+import fcntl
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -78,7 +81,14 @@ class AnnyHand:
 
     def __init__(self, device: str = "cpu") -> None:
         anny = _quiet_import_anny()
-        self.model = anny.Anny(rig="anny-hand.R", topology="hand.R").to(device)
+        # The first construction on a machine builds Anny's model cache (~1 min) and writes it
+        # non-atomically; serialise construction across our processes (e.g. dataset workers) so
+        # one builds it and the others then load it.
+        lock_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "im2hands"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with open(lock_dir / "anny-model.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.model = anny.Anny(rig="anny-hand.R", topology="hand.R").to(device)
         self.device = device
         labels = [label.rsplit(".", 1)[0] for label in self.model.bone_labels]
         self.bone_labels = list(self.model.bone_labels)
