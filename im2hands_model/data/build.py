@@ -35,7 +35,8 @@ def _init_worker(settings: SynthSettings) -> None:
     global _GENERATOR
     import torch
 
-    torch.set_num_threads(1)  # one core per worker process
+    torch.set_num_threads(1)  # one core per worker process,
+    os.environ.setdefault("LP_NUM_THREADS", "1")  # for Mesa's rasteriser too
     from im2hands_model.data.synthetic import SceneGenerator
 
     _GENERATOR = SceneGenerator(settings.points_per_hand, settings.image_size, settings.full_frame)
