@@ -271,8 +271,9 @@ def test_layouts_place_hands_as_named(generator, layout):
     if layout in ("clasped", "crossed", "touching"):
         split = split_overlap(va, faces[0], vb, faces[1])
         assert split.max_depth_m <= 0.006
-        pen = penetration_volume((split.vertices_a, faces[0]), (split.vertices_b, faces[1]),
-                                 voxel_size=0.0005)
+        pen = penetration_volume(
+            (split.vertices_a, faces[0]), (split.vertices_b, faces[1]), voxel_size=0.0005
+        )
         before = penetration_volume((va, faces[0]), (vb, faces[1]), voxel_size=0.0005)
         assert pen <= before
         assert pen < 0.05e-6  # < 0.05 cm^3 left after the split

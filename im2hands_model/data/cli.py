@@ -13,27 +13,24 @@ import sys
 from pathlib import Path
 
 
-def _positive(name: str):
+def _int_at_least(name: str, minimum: int):
+    """An argparse type: an integer >= ``minimum``, with a message naming the option."""
+    kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {value}")
         return value
 
     return parse
 
 
-def _nonnegative_seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seed must be an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"--seed must be >= 0, got {value}")
-    return value
+def _positive(name: str):
+    return _int_at_least(name, 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         "contact_sheet.png) on the Anny hand model.",
     )
     synth.add_argument("--n", type=_positive("--n"), required=True, help="number of scenes")
-    synth.add_argument("--seed", type=_nonnegative_seed, required=True, help="dataset seed")
+    seed_type = _int_at_least("--seed", 0)
+    synth.add_argument("--seed", type=seed_type, required=True, help="dataset seed")
     synth.add_argument("--out", type=Path, required=True, help="output folder")
     synth.add_argument(
         "--workers",
