@@ -316,3 +316,13 @@ def test_dataset_reports_a_missing_or_wrong_folder(tmp_path):
     (tmp_path / "index.json").write_text(json.dumps({"format_version": 99}))
     with pytest.raises(ValueError, match="format version"):
         ShardDataset(tmp_path)
+
+
+def test_command_explains_how_to_install_missing_egl(tmp_path):
+    # No EGL vendor library found: what a machine without Mesa's EGL looks like to libglvnd.
+    env = dict(os.environ, __EGL_VENDOR_LIBRARY_DIRS=str(tmp_path / "none"))
+    cmd = CLI + ["synth", "--n", "2", "--seed", "0", "--out", str(tmp_path / "ds")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 3
+    assert "apt-get install" in r.stderr and "libegl1" in r.stderr
+    assert not (tmp_path / "ds" / "index.json").exists()
