@@ -102,6 +102,9 @@ class AnnyHand:
         self.faces = self._seal(faces, rest_vertices[0])
         self._tip_sets = self._find_tip_vertices(rest_vertices[0], rest_heads[0], labels)
         self.probe_vertices = self._find_probe_vertices(rest_vertices[0], rest_heads[0], labels)
+        #: Finger (0 thumb ... 4 pinky) each probe vertex belongs to (Anny's ``fingerN`` bones).
+        main = self._main_bone()[self.probe_vertices]
+        self.probe_finger = np.array([int(labels[b][len("finger")]) - 1 for b in main])
         self._abduction_sign = self._measure_abduction_sign(labels)
 
     # -- set-up -------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from im2hands_model.data.anny_hand import POSED_BONES
+from im2hands_model.metrics import winding_numbers
 
 POSE_STYLES: tuple[str, ...] = ("open", "relaxed", "grasp", "fist", "point", "pinch", "random")
 
@@ -107,18 +108,28 @@ def sample_pose(rng: np.random.Generator, style: str | None = None) -> np.ndarra
     return np.clip(pose, JOINT_LIMITS[..., 0], JOINT_LIMITS[..., 1])
 
 
+#: Rows of a pose array that belong to each finger (thumb to pinky), metacarpals excluded.
+FINGER_POSE_ROWS: tuple[np.ndarray, ...] = tuple(
+    np.array([POSED_BONES.index(f"finger{f}-{k}") for k in (1, 2, 3)]) for f in range(1, 6)
+)
+
+
+def probes_inside(
+    vertices: np.ndarray, faces: np.ndarray, probes: np.ndarray, threshold: float = 1.2
+) -> np.ndarray:
+    """Which probe vertices lie inside another part of the same mesh (bool per probe).
+
+    A vertex on a surface has a generalised winding number of about 0.5 with respect to its own
+    mesh; one that has also pushed into another finger reaches about 1.5. Probe vertices
+    (:attr:`AnnyHand.probe_vertices`) lie away from joint creases, where skinning folds the skin,
+    so a probe above ``threshold`` means a finger passing through another finger or the palm.
+    """
+    v = np.ascontiguousarray(vertices, dtype=np.float64)
+    return winding_numbers(v, faces, v[probes]) > threshold
+
+
 def self_intersection_count(
     vertices: np.ndarray, faces: np.ndarray, probes: np.ndarray, threshold: float = 1.2
 ) -> int:
-    """Number of probe vertices lying inside another part of the same mesh.
-
-    A vertex on a surface has a generalised winding number of about 0.5 with respect to its own
-    mesh; one that has also pushed into another finger reaches about 1.5. Counting probe
-    vertices (:attr:`AnnyHand.probe_vertices`, away from joint creases) above ``threshold``
-    finds fingers passing through each other or through the palm.
-    """
-    import igl
-
-    v = np.ascontiguousarray(vertices, dtype=np.float64)
-    w = igl.fast_winding_number(v, np.ascontiguousarray(faces), v[probes])
-    return int((w > threshold).sum())
+    """Number of probe vertices inside another part of the mesh (see :func:`probes_inside`)."""
+    return int(probes_inside(vertices, faces, probes, threshold).sum())

@@ -29,7 +29,13 @@ from scipy.spatial.transform import Rotation
 from im2hands_model.data.anny_hand import POSED_BONES, AnnyHand
 from im2hands_model.data.layouts import LAYOUT_POSE_STYLES, LAYOUTS, place_hands
 from im2hands_model.data.occupancy import hand_occupancy, split_overlap
-from im2hands_model.data.poses import POSE_STYLES, sample_pose, self_intersection_count
+from im2hands_model.data.poses import (
+    FINGER_POSE_ROWS,
+    POSE_STYLES,
+    probes_inside,
+    sample_pose,
+    self_intersection_count,
+)
 from im2hands_model.data.render import (
     Light,
     Renderer,
@@ -47,7 +53,7 @@ CHILD_FRACTION = 0.1
 CROP_FILL = 0.8  # hands span this fraction of the square crop
 FULL_FRAME = (640, 480)
 CAMERA_DISTANCE_M = (0.3, 0.9)
-_RELAX_SCALES = np.array([1.0, 0.85, 0.7, 0.55, 0.4, 0.25])
+_RELAX_SCALES = np.array([1.0, 0.92, 0.85, 0.78, 0.7, 0.62, 0.55, 0.45, 0.35, 0.25, 0.0])
 _MAX_PROBES_INSIDE = 3  # probe vertices allowed inside another part (skinning noise)
 
 #: sRGB skin tones from very light to very dark (Fitzpatrick-like spread).
@@ -115,16 +121,46 @@ class SceneGenerator:
     def _pose_hand(
         self, phenotype: np.ndarray, pose: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-        """Pose one right hand, relaxing the pose toward rest until no finger intersects."""
+        """Pose one right hand; fingers that pass through another part are relaxed toward rest.
+
+        Relaxation levels are tried from the full pose down. Each finger keeps the strongest
+        level at which it is clear of the rest of the hand; the composed pose is checked once
+        more and, should the fingers now collide with each other, the whole hand is relaxed
+        uniformly.
+
+        Returns:
+            Vertices, joints, the pose used and the smallest relaxation factor applied.
+        """
+        hand = self.hand
         poses = pose[None] * _RELAX_SCALES[:, None, None]
-        out = self.hand(phenotype[None], poses)
-        for k, scale in enumerate(_RELAX_SCALES):
-            n_in = self_intersection_count(
-                out.vertices[k], self.hand.faces, self.hand.probe_vertices
-            )
-            if n_in <= _MAX_PROBES_INSIDE:
-                return out.vertices[k], out.joints[k], poses[k], float(scale)
-        return out.vertices[-1], out.joints[-1], poses[-1], float(_RELAX_SCALES[-1])
+        out = hand(phenotype[None], poses)  # skinning all levels at once is cheap
+        # The winding-number test is what costs: test levels in order, only until every finger
+        # has found one where it is clear.
+        level = np.full(5, len(_RELAX_SCALES) - 1)
+        found = np.zeros(5, bool)
+        clean_levels = []
+        for k in range(len(_RELAX_SCALES)):
+            hits = probes_inside(out.vertices[k], hand.faces, hand.probe_vertices)
+            if k == 0 and hits.sum() <= _MAX_PROBES_INSIDE:
+                return out.vertices[0], out.joints[0], poses[0], 1.0
+            if hits.sum() <= _MAX_PROBES_INSIDE:
+                clean_levels.append(k)
+            per_finger = np.bincount(hand.probe_finger[hits], minlength=5)
+            newly_clear = (per_finger <= 1) & ~found
+            level[newly_clear] = k
+            found |= newly_clear
+            if clean_levels and found.all():
+                break
+        composed = pose.copy()
+        for f, rows in enumerate(FINGER_POSE_ROWS):
+            composed[rows] *= _RELAX_SCALES[level[f]]
+        single = hand(phenotype[None], composed[None])
+        if self_intersection_count(single.vertices[0], hand.faces, hand.probe_vertices) <= (
+            _MAX_PROBES_INSIDE
+        ):
+            return single.vertices[0], single.joints[0], composed, float(_RELAX_SCALES[level].min())
+        k = clean_levels[0] if clean_levels else len(_RELAX_SCALES) - 1
+        return out.vertices[k], out.joints[k], poses[k], float(_RELAX_SCALES[k])
 
     # -- the scene ---------------------------------------------------------------------------------
     def generate(self, seed: int, index: int) -> Scene:
