@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument(
         "--workers",
         type=_positive("--workers"),
-        default=1,
-        help="worker processes (default 1; use the number of cores)",
+        default=os.cpu_count() or 1,
+        help="worker processes (default: the number of CPU cores)",
     )
     synth.add_argument(
         "--points-per-hand",
