@@ -100,10 +100,11 @@ class AnnyHand:
             torch.zeros(1, len(POSED_BONES), 3), np.full((1, 6), 0.5)
         )
         self.faces = self._seal(faces, rest_vertices[0])
+        self._vertex_bone = self._main_bone()  # the bone that moves each vertex most
         self._tip_sets = self._find_tip_vertices(rest_vertices[0], rest_heads[0], labels)
         self.probe_vertices = self._find_probe_vertices(rest_vertices[0], rest_heads[0], labels)
         #: Finger (0 thumb ... 4 pinky) each probe vertex belongs to (Anny's ``fingerN`` bones).
-        main = self._main_bone()[self.probe_vertices]
+        main = self._vertex_bone[self.probe_vertices]
         self.probe_finger = np.array([int(labels[b][len("finger")]) - 1 for b in main])
         self._abduction_sign = self._measure_abduction_sign(labels)
 
@@ -124,13 +125,12 @@ class AnnyHand:
         volume = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6
         if volume < 0:
             raise RuntimeError("unexpected face orientation in the Anny hand mesh")
-        self._wrist_loop = loop
         return sealed
 
     def _find_tip_vertices(
         self, verts: np.ndarray, heads: np.ndarray, labels: list[str]
     ) -> list[np.ndarray]:
-        main_bone = self._main_bone()
+        main_bone = self._vertex_bone
         sets = []
         for bone in ANNY_TIP_BONES:
             b = labels.index(bone)
@@ -158,7 +158,7 @@ class AnnyHand:
         """Vertices away from every joint crease, on the phalanges: the ones to test for fingers
         passing through each other or through the palm (skinning folds the skin at a flexed
         joint, so vertices near joints would report false self-intersections)."""
-        main_bone = self._main_bone()
+        main_bone = self._vertex_bone
         tips = {
             b: verts[ids].mean(0) for b, ids in zip(ANNY_TIP_BONES, self._tip_sets, strict=True)
         }

@@ -52,6 +52,11 @@ def palm_frame(joints: np.ndarray, is_right: bool) -> np.ndarray:
     return rot
 
 
+def _palm_centre(joints: np.ndarray) -> np.ndarray:
+    """Mean of the wrist and the four finger MCPs."""
+    return joints[[0, 5, 9, 13, 17]].mean(0)
+
+
 def _orient(frame: np.ndarray, finger_dir: np.ndarray, palm_dir: np.ndarray) -> np.ndarray:
     """Rotation taking a hand whose palm frame is ``frame`` to the wanted directions."""
     y = finger_dir / np.linalg.norm(finger_dir)
@@ -130,7 +135,7 @@ def place_hands(
     frame_a = palm_frame(joints[0], rights[0])
     frame_b = palm_frame(joints[1], rights[1])
     # Pair frame = A's palm frame, with A's palm centre (mean of wrist and MCPs) at the origin.
-    centre_a = joints[0][[0, 5, 9, 13, 17]].mean(0)
+    centre_a = _palm_centre(joints[0])
     rot_a = frame_a
     t_a = -centre_a @ rot_a.T
     if layout == "single":
@@ -140,7 +145,7 @@ def place_hands(
     finger, palm, approach, lateral = _relative_orientation(layout, rng)
     approach = approach / np.linalg.norm(approach)
     rot_b = _orient(frame_b, finger, palm)
-    centre_b = joints[1][[0, 5, 9, 13, 17]].mean(0)
+    centre_b = _palm_centre(joints[1])
     t_b = -centre_b @ rot_b.T + lateral
     va = _transform(verts[0], rot_a, t_a)
     vb = _transform(verts[1], rot_b, t_b)
