@@ -79,6 +79,7 @@ setup(
         "tqdm",
         "safetensors",
         "pyyaml",
+        "tensorboard",
     ],
     extras_require={
         "ros": ROS_DISTRO_WHEELS,
