@@ -1,0 +1,170 @@
+"""Training stage ``kpts_pred``: the learned two-hand keypoint predictor (SPEC §3.5).
+
+Config (besides the engine's keys)::
+
+    model:
+      encoder: {depth: resnet18, base_width: 16, feature_dim: 32, global_dim: 128}
+      head_dim: 64             # heatmap head channels, root/presence MLP width
+      crop_width_m: 0.3        # prior metric width of a crop at the hand's depth
+    loss:                      # weights of keypoint_loss (defaults shown)
+      w_2d: 3.0
+      w_rel_depth: 10.0
+      w_root_depth: 5.0
+      w_presence: 0.2
+
+Validation: ``mpjpe_mm`` (each hand aligned at joint 9, present hands; the paper protocol),
+``mpjpe_abs_mm`` (camera frame), ``px_2d`` (mean 2D error, pixels), ``root_depth_mm`` (wrist
+depth error) and ``presence_acc``. Joint metrics are NaN for a batch without any present hand.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor, nn
+
+from im2hands_model.hands import NUM_JOINTS, SKELETON_EDGES
+from im2hands_model.metrics import mpjpe_mm
+from im2hands_model.networks.keypoint_pred import (
+    DEFAULT_LOSS_WEIGHTS,
+    KeypointPredictor,
+    joint_error_mm,
+    keypoint_loss,
+)
+
+GT_COLOUR = (40, 220, 60)
+PRED_COLOUR = (235, 40, 40)
+INPUT_COLOUR = (60, 120, 255)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def build_keypoint_predictor(model_cfg: dict) -> KeypointPredictor:
+    """The predictor from a config's ``model`` section."""
+    return KeypointPredictor(
+        encoder=dict(model_cfg.get("encoder", {})),
+        head_dim=int(model_cfg.get("head_dim", 64)),
+        crop_width_m=float(model_cfg.get("crop_width_m", 0.3)),
+    )
+
+
+def skeleton_sheet(
+    images: Tensor,
+    skeletons: list[tuple[Tensor, Tensor, tuple[int, int, int]]],
+    max_samples: int = 4,
+    min_size: int = 256,
+) -> np.ndarray:
+    """Crops side by side with 2D skeletons drawn over them.
+
+    Args:
+        images: ``[B, 3, S, S]`` in ``[0, 1]``.
+        skeletons: ``(joints_2d [B, 2, 21, 2] pixels, present [B, 2] bool, RGB colour)`` layers,
+            drawn in order (later on top); only present, finite hands are drawn.
+        max_samples: at most this many crops.
+        min_size: crops are enlarged by an integer factor to at least this size.
+
+    Returns:
+        ``[H, W, 3]`` uint8 picture.
+    """
+    n = min(max_samples, images.shape[0])
+    h, w = images.shape[-2:]
+    scale = max(1, -(-min_size // max(h, w)))
+    tiles = []
+    for i in range(n):
+        img = (images[i].detach().float().clamp(0, 1) * 255).round().byte()
+        pic = Image.fromarray(img.permute(1, 2, 0).cpu().numpy()).resize(
+            (w * scale, h * scale), Image.NEAREST
+        )
+        draw = ImageDraw.Draw(pic)
+        for joints, present, colour in skeletons:
+            pts = joints[i].detach().float().cpu().numpy() * scale
+            for hand in range(2):
+                if not bool(present[i, hand]) or not np.isfinite(pts[hand]).all():
+                    continue
+                p = pts[hand]
+                for a, b in SKELETON_EDGES:
+                    draw.line([tuple(p[a]), tuple(p[b])], fill=colour, width=2)
+                r = max(1.5, scale)
+                for x, y in p[:NUM_JOINTS]:
+                    draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+        tiles.append(np.asarray(pic))
+    gap = np.full((h * scale, 4, 3), 255, np.uint8)
+    parts: list[np.ndarray] = []
+    for t in tiles:
+        parts += [t, gap]
+    return np.ascontiguousarray(np.concatenate(parts[:-1], axis=1))
+
+
+def joint_metrics(pred: Tensor, gt: Tensor, present: Tensor) -> dict[str, float]:
+    """``mpjpe_mm`` (aligned at joint 9, :func:`im2hands_model.metrics.mpjpe_mm`) and
+    ``mpjpe_abs_mm`` (camera frame) of ``[B, 2, 21, 3]`` joints over present hands."""
+    mask = present.bool()
+    if not bool(mask.any()):
+        return {"mpjpe_mm": float("nan"), "mpjpe_abs_mm": float("nan")}
+    rel = mpjpe_mm(pred.detach().double().cpu().numpy(), gt.double().cpu().numpy(),
+                   mask=mask.cpu().numpy())  # fmt: skip
+    abs_err = joint_error_mm(pred.detach().float(), gt.float(), None)[mask]
+    return {"mpjpe_mm": rel, "mpjpe_abs_mm": float(abs_err.mean())}
+
+
+class KptsPredStage:
+    """Trains :class:`~im2hands_model.networks.keypoint_pred.KeypointPredictor`."""
+
+    name = "kpts_pred"
+    best_metric = "mpjpe_mm"
+    best_mode = "min"
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = cfg
+        self.model_cfg = dict(cfg.get("model", {}) or {})
+        loss_cfg = dict(cfg.get("loss", {}) or {})
+        unknown = sorted(set(loss_cfg) - set(DEFAULT_LOSS_WEIGHTS))
+        if unknown:
+            raise ValueError(
+                f"kpts_pred: unknown loss keys {unknown}; allowed: {sorted(DEFAULT_LOSS_WEIGHTS)}"
+            )
+        self.weights = {k: float(v) for k, v in loss_cfg.items()}
+
+    def build_model(self, device: torch.device) -> nn.Module:
+        return build_keypoint_predictor(self.model_cfg).to(device)
+
+    def loss(
+        self, model: nn.Module, batch: dict[str, Tensor], gen: torch.Generator
+    ) -> tuple[Tensor, dict[str, float]]:
+        pred = model(batch["image"], batch["K"])
+        return keypoint_loss(pred, batch, self.weights)
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, float]:
+        net = unwrap(model)
+        pred = net(batch["image"], batch["K"])
+        present = batch["hand_present"].bool()
+        gt = batch["joints_3d"]
+        out = joint_metrics(pred.joints, gt, present)
+        if bool(present.any()):
+            px = (pred.joints_2d - batch["joints_2d"]).norm(dim=-1)[present]
+            root = (pred.root_depth - gt[..., 0, 2]).abs()[present] * 1000.0
+            out["px_2d"] = float(px.mean())
+            out["root_depth_mm"] = float(root.mean())
+        else:
+            out["px_2d"] = out["root_depth_mm"] = float("nan")
+        out["presence_acc"] = float((pred.present() == present).float().mean())
+        out["loss"] = float(keypoint_loss(pred, batch, self.weights)[0])
+        return out
+
+    @torch.no_grad()
+    def visualize(self, model: nn.Module, batch: dict[str, Tensor]) -> np.ndarray | None:
+        net = unwrap(model)
+        n = min(4, batch["image"].shape[0])
+        pred = net(batch["image"][:n], batch["K"][:n])
+        return skeleton_sheet(
+            batch["image"][:n],
+            [
+                (batch["joints_2d"][:n], batch["hand_present"][:n], GT_COLOUR),
+                (pred.joints_2d, pred.present(), PRED_COLOUR),
+            ],
+        )

@@ -1,0 +1,175 @@
+"""Training stage ``kpts_ref``: the keypoint refinement network K (SPEC §3.4).
+
+Inputs are the GT keypoints corrupted by :func:`add_keypoint_noise` (per-joint Gaussian plus a
+per-hand global offset, drawn from the engine's generator); the target is the GT.
+
+Config (besides the engine's keys)::
+
+    model:
+      encoder: {depth: resnet18, base_width: 16, feature_dim: 32, global_dim: 128}
+      use_image: true          # false: keypoint-only K (no encoder, no attention)
+      dim: 64                  # joint token size
+      layers: 4                # GCN layers (each followed by cross-attention)
+      heads: 4
+      token_grid: 4            # image patch tokens per side
+      patch: 16                # patch side, crop pixels
+      pixel_features: true     # add each joint's pixel-aligned feature to its token
+    loss:
+      sigma_mm: 8.0            # per-joint noise, mm per axis
+      global_mm: 10.0          # per-hand offset noise, mm per axis
+      abs_weight: 0.5          # weight of the camera-frame error next to the root-relative one
+      val_seed: 0              # validation noise: fixed per (val_seed, scene_index)
+
+Validation: ``mpjpe_in_mm`` (the noisy input) and ``mpjpe_mm`` (K's output), both aligned at
+joint 9 over present hands, and their camera-frame versions ``mpjpe_abs_in_mm`` and
+``mpjpe_abs_mm``. The noise is drawn per scene from a generator seeded with
+``(val_seed, scene_index)``, so validation is repeatable and independent of batching.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from im2hands_model.networks.backbone import project_points
+from im2hands_model.networks.keypoint_pred import joint_error_mm
+from im2hands_model.networks.keypoint_ref import KeypointRefiner, add_keypoint_noise, refine_loss
+from im2hands_model.training.stages.kpts_pred import (
+    GT_COLOUR,
+    INPUT_COLOUR,
+    PRED_COLOUR,
+    joint_metrics,
+    skeleton_sheet,
+    unwrap,
+)
+
+DEFAULT_LOSS: dict[str, float] = {
+    "sigma_mm": 8.0,
+    "global_mm": 10.0,
+    "abs_weight": 0.5,
+    "val_seed": 0,
+}
+
+
+def build_keypoint_refiner(model_cfg: dict) -> KeypointRefiner:
+    """K from a config's ``model`` section."""
+    use_image = bool(model_cfg.get("use_image", True))
+    return KeypointRefiner(
+        dim=int(model_cfg.get("dim", 64)),
+        layers=int(model_cfg.get("layers", 4)),
+        heads=int(model_cfg.get("heads", 4)),
+        encoder=dict(model_cfg.get("encoder", {})) if use_image else None,
+        use_image=use_image,
+        token_grid=int(model_cfg.get("token_grid", 4)),
+        patch=int(model_cfg.get("patch", 16)),
+        pixel_features=bool(model_cfg.get("pixel_features", True)),
+    )
+
+
+def _project(joints: Tensor, K: Tensor) -> Tensor:
+    """``[B, 2, 21, 3]`` -> pixels ``[B, 2, 21, 2]``."""
+    b = joints.shape[0]
+    uv, _ = project_points(joints.reshape(b, -1, 3).float(), K.float())
+    return uv.view(*joints.shape[:-1], 2)
+
+
+class KptsRefStage:
+    """Trains :class:`~im2hands_model.networks.keypoint_ref.KeypointRefiner`."""
+
+    name = "kpts_ref"
+    best_metric = "mpjpe_mm"
+    best_mode = "min"
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = cfg
+        self.model_cfg = dict(cfg.get("model", {}) or {})
+        loss_cfg = dict(cfg.get("loss", {}) or {})
+        unknown = sorted(set(loss_cfg) - set(DEFAULT_LOSS))
+        if unknown:
+            raise ValueError(
+                f"kpts_ref: unknown loss keys {unknown}; allowed: {sorted(DEFAULT_LOSS)}"
+            )
+        opts = {**DEFAULT_LOSS, **loss_cfg}
+        self.sigma_mm = float(opts["sigma_mm"])
+        self.global_mm = float(opts["global_mm"])
+        self.abs_weight = float(opts["abs_weight"])
+        self.val_seed = int(opts["val_seed"])
+        if self.sigma_mm < 0 or self.global_mm < 0:
+            raise ValueError("kpts_ref: sigma_mm and global_mm must be >= 0")
+
+    def build_model(self, device: torch.device) -> nn.Module:
+        return build_keypoint_refiner(self.model_cfg).to(device)
+
+    def _refine(self, model: nn.Module, batch: dict[str, Tensor], noisy: Tensor) -> Tensor:
+        return model(noisy, batch["hand_present"], image=batch["image"], K=batch["K"])
+
+    def loss(
+        self, model: nn.Module, batch: dict[str, Tensor], gen: torch.Generator
+    ) -> tuple[Tensor, dict[str, float]]:
+        gt, present = batch["joints_3d"], batch["hand_present"]
+        noisy = add_keypoint_noise(gt, present, gen, self.sigma_mm, self.global_mm)
+        refined = self._refine(model, batch, noisy)
+        loss = refine_loss(refined, gt, present, self.abs_weight)
+        with torch.no_grad():
+            mask = present.bool()
+            n = mask.sum().clamp_min(1)
+            terms = {
+                "loss": float(loss.detach()),
+                "mpjpe_mm": float(joint_error_mm(refined, gt)[mask].sum() / (n * 21)),
+                "mpjpe_in_mm": float(joint_error_mm(noisy, gt)[mask].sum() / (n * 21)),
+            }
+        return loss, terms
+
+    def validation_noise(self, batch: dict[str, Tensor]) -> Tensor:
+        """The batch's GT joints with the fixed validation noise (per scene, repeatable)."""
+        gt, present = batch["joints_3d"], batch["hand_present"]
+        b = gt.shape[0]
+        scenes = batch.get("scene_index")
+        out = []
+        for i in range(b):
+            scene = int(scenes[i]) if scenes is not None else i
+            gen = torch.Generator().manual_seed(self.val_seed * 1_000_003 + scene)
+            out.append(
+                add_keypoint_noise(
+                    gt[i : i + 1].cpu(),
+                    present[i : i + 1].cpu(),
+                    gen,
+                    self.sigma_mm,
+                    self.global_mm,
+                )  # fmt: skip
+            )
+        return torch.cat(out).to(gt.device)
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, float]:
+        net = unwrap(model)
+        gt, present = batch["joints_3d"], batch["hand_present"]
+        noisy = self.validation_noise(batch)
+        refined = self._refine(net, batch, noisy)
+        before = joint_metrics(noisy, gt, present)
+        after = joint_metrics(refined, gt, present)
+        return {
+            "mpjpe_in_mm": before["mpjpe_mm"],
+            "mpjpe_mm": after["mpjpe_mm"],
+            "mpjpe_abs_in_mm": before["mpjpe_abs_mm"],
+            "mpjpe_abs_mm": after["mpjpe_abs_mm"],
+            "loss": float(refine_loss(refined, gt, present, self.abs_weight)),
+        }
+
+    @torch.no_grad()
+    def visualize(self, model: nn.Module, batch: dict[str, Tensor]) -> np.ndarray | None:
+        net = unwrap(model)
+        n = min(4, batch["image"].shape[0])
+        sub = {k: v[:n] for k, v in batch.items() if isinstance(v, Tensor)}
+        noisy = self.validation_noise(sub)
+        refined = self._refine(net, sub, noisy)
+        present = sub["hand_present"]
+        return skeleton_sheet(
+            sub["image"],
+            [
+                (_project(noisy, sub["K"]), present, INPUT_COLOUR),
+                (sub["joints_2d"], present, GT_COLOUR),
+                (_project(refined, sub["K"]), present, PRED_COLOUR),
+            ],
+        )
