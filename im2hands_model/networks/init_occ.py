@@ -1,0 +1,407 @@
+"""Initial occupancy **I** (SPEC §3.2): HALO's part occupancy plus Im2Hands' query-image attention.
+
+One hand (:class:`InitialOccupancy`):
+
+* the hand is canonicalised from its keypoints (:mod:`im2hands_model.canonical`): 16 part transforms
+  ``T_b`` and part lengths;
+* a **shape code** (MLP 16->40->16 of the 16 lengths) and a **pose code** (Linear 48->8 of the
+  transforms' translations) condition every part;
+* each part ``b`` has its own MLP on ``[T_b x (3), length_b (1), shape (16), pose (8)]`` with widths
+  ``28 -> H -> H -> (H + img) -> H -> 1`` (H = 64), LeakyReLU(0.1), residual hidden layers. All 16
+  part MLPs run as one batched matmul (weights stacked ``[16, in, out]``);
+* occupancy = ``max_b sigmoid(logit_b)`` = ``sigmoid(max_b logit_b)``, or a soft maximum
+  (temperature-scaled log-sum-exp) when ``soft_max_temperature`` is set;
+* with image conditioning, a ~19-d feature per query enters the third layer. It comes from
+  :class:`QueryImageAttention`: the query (its crop position and depth relative to the wrist)
+  attends over itself and the image's patch tokens. Without it the network is exactly HALO
+  ("keypoint-only mode", the ablation baseline and the fallback far from the training domain).
+
+Two hands (:class:`TwoHandInitialOccupancy`): one shared image encoder, separate weights per hand;
+left hands are mirrored into right hands before their network and back after (by construction of
+the normalised space, see :mod:`im2hands_model.canonical`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from im2hands_model.canonical import NUM_PARTS, PART_BONES, HandPose, canonicalize
+from im2hands_model.hands import FINGER_JOINTS, NORM_SCALE, from_normalized
+from im2hands_model.networks.backbone import ImageEncoder, ImageFeatures, PatchTokenizer
+
+# Bones behind :func:`part_distances`: the five root bones (palm), then the 15 part bones.
+_BONES = tuple((0, f[0]) for f in FINGER_JOINTS) + PART_BONES
+_BONE_PARENTS = [p for p, _ in _BONES]
+_BONE_CHILDREN = [c for _, c in _BONES]
+
+#: Initial capsule radii of the parts (metres): palm, then thumb to pinky, proximal to distal.
+CAPSULE_RADIUS_M = (0.014,) + (0.011, 0.010, 0.009) + (0.009, 0.008, 0.0075) * 4
+
+#: Logit given to every point of a hand that is absent or has invalid keypoints (occupancy ~ 0).
+EMPTY_LOGIT = -20.0
+
+
+def _uniform(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+
+
+class PartLinear(nn.Module):
+    """``P`` independent linear layers applied as one batched matmul.
+
+    ``x [B, P, N, in] -> [B, P, N, out]`` with weight ``[P, in, out]`` and bias ``[P, out]``.
+    """
+
+    def __init__(self, parts: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = _uniform((parts, in_features, out_features), in_features)
+        self.bias = _uniform((parts, out_features), in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.matmul(x, self.weight) + self.bias[:, None, :]
+
+
+class QueryImageAttention(nn.Module):
+    """Per-query image feature: the query token attends over ``[query; patch tokens]``.
+
+    Args:
+        token_dim: width of the patch tokens and of the attention.
+        out_dim: size of the feature handed to the part MLPs (~19 in the paper).
+        heads: attention heads (2 in the paper).
+    """
+
+    def __init__(self, token_dim: int = 32, out_dim: int = 19, heads: int = 2) -> None:
+        super().__init__()
+        if token_dim % heads:
+            raise ValueError(f"token_dim {token_dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.embed = nn.Sequential(
+            nn.Linear(3, token_dim), nn.LeakyReLU(0.1), nn.Linear(token_dim, token_dim)
+        )
+        self.q = nn.Linear(token_dim, token_dim)
+        self.kv = nn.Linear(token_dim, 2 * token_dim)
+        self.out = nn.Linear(token_dim, out_dim)
+
+    def forward(self, query_pos: Tensor, tokens: Tensor) -> Tensor:
+        """Feature ``[B, N, out_dim]`` of queries attending over image tokens.
+
+        Args:
+            query_pos: ``[B, N, 3]`` crop position (u, v in [-1, 1]) and depth to the wrist / 0.4.
+            tokens: ``[B, T, D]`` patch tokens.
+        """
+        b, n, _ = query_pos.shape
+        h = self.heads
+        qt = self.embed(query_pos)  # [B, N, D]
+        d = qt.shape[-1] // h
+        q = self.q(qt).view(b, n, h, d)
+        k_self, v_self = self.kv(qt).view(b, n, 2, h, d).unbind(2)  # [B, N, h, d]
+        k_img, v_img = self.kv(tokens).view(b, tokens.shape[1], 2, h, d).unbind(2)  # [B, T, h, d]
+        scale = 1.0 / math.sqrt(d)
+        s_self = (q * k_self).sum(-1, keepdim=True) * scale  # [B, N, h, 1]
+        s_img = torch.einsum("bnhd,bthd->bnht", q, k_img) * scale  # [B, N, h, T]
+        w = torch.softmax(torch.cat([s_self, s_img], -1), dim=-1)
+        mixed = w[..., :1] * v_self + torch.einsum("bnht,bthd->bnhd", w[..., 1:], v_img)
+        return self.out(mixed.reshape(b, n, h * d))
+
+
+class InitialOccupancy(nn.Module):
+    """HALO occupancy of one (right or mirrored-left) hand, optionally image-conditioned.
+
+    Args:
+        hidden: width H of the part MLPs (64 in the paper).
+        img_dim: size of the injected image feature (0: plain HALO).
+        soft_max_temperature: ``None`` for the hard max over parts; else ``t * logsumexp(l / t)``.
+        capsule_prior: add to each part's logit ``s (r_b - d_b(x))``, a capsule around its bone
+            (``d_b`` from :func:`part_distances`; learnable radii ``r_b`` and sharpness ``s``),
+            and start the MLPs at zero output, so training begins from a plausible hand instead of
+            noise. The MLPs learn the residual shape. Off: exactly HALO's part networks.
+    """
+
+    def __init__(
+        self,
+        hidden: int = 64,
+        img_dim: int = 0,
+        soft_max_temperature: float | None = None,
+        capsule_prior: bool = False,
+    ) -> None:
+        super().__init__()
+        self.hidden, self.img_dim = hidden, img_dim
+        self.soft_max_temperature = soft_max_temperature
+        self.shape_mlp = nn.Sequential(
+            nn.Linear(NUM_PARTS, 40), nn.LeakyReLU(0.1), nn.Linear(40, 16)
+        )
+        self.pose_code = nn.Linear(3 * NUM_PARTS, 8)
+        code_dim = 1 + 16 + 8
+        # Layer 0 is split into the point part (3 inputs) and the per-hand code part (25 inputs) so
+        # that the code is multiplied once per hand and part, not once per point.
+        fan0 = 3 + code_dim
+        self.w0_point = _uniform((NUM_PARTS, 3, hidden), fan0)
+        self.w0_code = _uniform((NUM_PARTS, code_dim, hidden), fan0)
+        self.b0 = _uniform((NUM_PARTS, hidden), fan0)
+        self.l1 = PartLinear(NUM_PARTS, hidden, hidden)
+        self.l2 = PartLinear(NUM_PARTS, hidden, hidden)
+        self.l2_img = _uniform((NUM_PARTS, img_dim, hidden), hidden + img_dim) if img_dim else None
+        self.l3 = PartLinear(NUM_PARTS, hidden, hidden)
+        self.l4 = PartLinear(NUM_PARTS, hidden, 1)
+        self.act = nn.LeakyReLU(0.1)
+        self.capsule_prior = capsule_prior
+        if capsule_prior:
+            radius = torch.tensor(CAPSULE_RADIUS_M) / NORM_SCALE
+            self.capsule_radius = nn.Parameter(radius)
+            # logit slope: 1 per 2 mm (normalised units: 0.005)
+            self.capsule_log_sharpness = nn.Parameter(torch.tensor(math.log(1.0 / 0.005)))
+            nn.init.zeros_(self.l4.weight)
+            nn.init.zeros_(self.l4.bias)
+
+    def part_logits(self, points_norm: Tensor, pose: HandPose, img: Tensor | None) -> Tensor:
+        """Per-part logits ``[B, 16, N]`` for normalised points ``[B, N, 3]`` (mirrored if left)."""
+        if (img is None) != (self.img_dim == 0):
+            raise ValueError(
+                "this network was built with img_dim="
+                f"{self.img_dim}; got {'no' if img is None else 'an'} image feature"
+            )
+        shape = self.shape_mlp(pose.lengths)  # [B, 16]
+        posec = self.pose_code(pose.transforms[:, :, :3, 3].flatten(1))  # [B, 8]
+        code = torch.cat(
+            [
+                pose.lengths[..., None],
+                shape[:, None].expand(-1, NUM_PARTS, -1),
+                posec[:, None].expand(-1, NUM_PARTS, -1),
+            ],
+            -1,
+        )  # [B, 16, 25]
+        # T_b x = R_b x + t_b, so (T_b x) W = x (R_b^T W) + t_b W: fold the transform into layer 0.
+        rot = pose.transforms[:, :, :3, :3]
+        trans = pose.transforms[:, :, :3, 3]
+        w_point = torch.einsum("bpji,pjh->bpih", rot, self.w0_point)  # [B, 16, 3, H]
+        bias = torch.einsum("bpj,pjh->bph", trans, self.w0_point)
+        bias = bias + torch.einsum("bpc,pch->bph", code, self.w0_code) + self.b0
+        h = torch.einsum("bni,bpih->bpnh", points_norm, w_point) + bias[:, :, None, :]
+        h = self.act(h)
+        h = h + self.act(self.l1(h))
+        pre = self.l2(h)
+        if self.l2_img is not None:
+            pre = pre + torch.einsum("bni,pih->bpnh", img, self.l2_img)
+        h = h + self.act(pre)
+        h = h + self.act(self.l3(h))
+        out = self.l4(h)[..., 0]
+        if self.capsule_prior:
+            dist = part_distances(points_norm, pose.joints_norm)  # [B, 16, N]
+            sharp = self.capsule_log_sharpness.exp()
+            out = out + sharp * (self.capsule_radius[:, None] - dist)
+        return out
+
+    def forward(self, points_norm: Tensor, pose: HandPose, img: Tensor | None = None) -> Tensor:
+        """Occupancy logits ``[B, N]`` (probability: sigmoid) at normalised points ``[B, N, 3]``."""
+        return self.reduce_parts(self.part_logits(points_norm, pose, img))
+
+    def reduce_parts(self, parts: Tensor) -> Tensor:
+        """Part logits ``[B, 16, N]`` -> hand logits ``[B, N]`` (max, or soft max)."""
+        if self.soft_max_temperature:
+            t = self.soft_max_temperature
+            return t * torch.logsumexp(parts / t, dim=1)
+        return parts.max(dim=1).values
+
+
+@dataclass
+class ImageContext:
+    """What I keeps from one image: encoder features and patch tokens ``[B, T, D]``."""
+
+    feats: ImageFeatures
+    tokens: Tensor
+    image_size: tuple[int, int]  # (height, width) of the crop in pixels
+
+
+class TwoHandInitialOccupancy(nn.Module):
+    """I for both hands: shared image encoder, one :class:`InitialOccupancy` per hand.
+
+    Args:
+        image_conditioning: ``False`` gives plain HALO (keypoint-only mode, no image encoder).
+        hidden: part-MLP width.
+        img_dim: injected image feature size.
+        token_dim: patch-token / attention width.
+        encoder: keyword arguments of :class:`~im2hands_model.networks.backbone.ImageEncoder`.
+        soft_max_temperature, capsule_prior: see :class:`InitialOccupancy`.
+    """
+
+    def __init__(
+        self,
+        image_conditioning: bool = True,
+        hidden: int = 64,
+        img_dim: int = 19,
+        token_dim: int = 32,
+        encoder: dict | None = None,
+        soft_max_temperature: float | None = None,
+        capsule_prior: bool = False,
+    ) -> None:
+        super().__init__()
+        self.image_conditioning = image_conditioning
+        if image_conditioning:
+            self.encoder = ImageEncoder(**(encoder or {}))
+            feature_dim = self.encoder.feature_dim
+            self.tokenizer = PatchTokenizer(feature_dim, token_dim)
+            self.attention = nn.ModuleList(
+                [QueryImageAttention(token_dim, img_dim) for _ in range(2)]
+            )
+        else:
+            self.encoder, self.tokenizer, self.attention = None, None, None
+            img_dim = 0
+        self.hands = nn.ModuleList(
+            [
+                InitialOccupancy(hidden, img_dim, soft_max_temperature, capsule_prior)
+                for _ in range(2)
+            ]
+        )
+
+    def encode(self, image: Tensor | None) -> ImageContext | None:
+        """Image ``[B, 3, H, W]`` in [0, 1] -> the context the queries attend to (None for HALO)."""
+        if not self.image_conditioning:
+            return None
+        if image is None:
+            raise ValueError("this I is image-conditioned: pass the image crop")
+        feats = self.encoder(image)
+        return ImageContext(feats, self.tokenizer(feats.fmap), tuple(image.shape[-2:]))
+
+    def poses(self, joints: Tensor) -> list[HandPose]:
+        """Canonicalise both hands of ``joints [B, 2, 21, 3]`` (left mirrored)."""
+        return [canonicalize(joints[:, h], is_left=h == 0) for h in range(2)]
+
+    def forward_normalized(
+        self,
+        points_norm: Tensor,
+        joints: Tensor,
+        K: Tensor | None = None,
+        ctx: ImageContext | None = None,
+        present: Tensor | None = None,
+        poses: list[HandPose] | None = None,
+        return_parts: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits ``[B, 2, Q]`` at points ``[B, 2, Q, 3]`` in each hand's own normalised space.
+
+        ``points_norm[:, h]`` uses hand ``h``'s root frame from ``joints`` *without* mirroring (the
+        dataset's ``occ_points``). Absent hands (``present [B, 2]`` False) and hands with invalid
+        keypoints get :data:`EMPTY_LOGIT`. With ``return_parts`` also the per-part logits
+        ``[B, 2, 16, Q]`` (for the part-assignment loss).
+        """
+        poses = poses or self.poses(joints)
+        out, parts_out = [], []
+        for h, pose in enumerate(poses):
+            p = points_norm[:, h]
+            if h == 0:  # mirror the left hand into a right hand: (x, y, z) -> (x, y, -z)
+                p = p * p.new_tensor([1.0, 1.0, -1.0])
+            img = None
+            if self.image_conditioning:
+                if ctx is None or K is None:
+                    raise ValueError("image-conditioned I needs K and the image context")
+                cam = from_normalized(points_norm[:, h], pose.rot, pose.origin)
+                img = self.attention[h](self.query_position(cam, pose, K, ctx), ctx.tokens)
+            parts = self.hands[h].part_logits(p, pose, img)
+            logits = self.hands[h].reduce_parts(parts)
+            parts_out.append(parts)
+            keep = pose.valid if present is None else pose.valid & present[:, h]
+            out.append(torch.where(keep[:, None], logits, logits.new_full((), EMPTY_LOGIT)))
+        if return_parts:
+            return torch.stack(out, 1), torch.stack(parts_out, 1)
+        return torch.stack(out, 1)
+
+    def forward(
+        self,
+        queries: Tensor,
+        joints: Tensor,
+        K: Tensor | None = None,
+        ctx: ImageContext | None = None,
+        present: Tensor | None = None,
+        image: Tensor | None = None,
+        normalized: bool = False,
+        return_parts: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits ``[B, 2, Q]``: hand ``h``'s occupancy at ``queries[:, h]`` ``[B, 2, Q, 3]``.
+
+        Args:
+            queries: ``[B, 2, Q, 3]`` camera frame, metres (the same points for both hands is
+                fine), or each hand's own normalised space when ``normalized`` is set.
+            joints: ``[B, 2, 21, 3]`` keypoints, camera frame.
+            K: ``[B, 3, 3]`` crop intrinsics (image-conditioned only).
+            ctx: :meth:`encode` output (image-conditioned only); computed from ``image`` if not
+                given, so one ``forward`` call can hold the whole training computation (DDP).
+            present: ``[B, 2]`` bool; absent hands get :data:`EMPTY_LOGIT`.
+            image: ``[B, 3, H, W]`` crop in [0, 1], used when ``ctx`` is None.
+            normalized: ``queries`` are in normalised space (see :meth:`forward_normalized`).
+            return_parts: also return the part logits ``[B, 2, 16, Q]``.
+        """
+        if ctx is None and self.image_conditioning:
+            ctx = self.encode(image)
+        poses = self.poses(joints)
+        if normalized:
+            return self.forward_normalized(queries, joints, K, ctx, present, poses, return_parts)
+        norm = torch.stack(
+            [
+                (queries[:, h] - poses[h].origin[:, None]) @ poses[h].rot.transpose(-1, -2)
+                for h in range(2)
+            ],
+            1,
+        ) / NORM_SCALE
+        return self.forward_normalized(norm, joints, K, ctx, present, poses, return_parts)
+
+    @staticmethod
+    def query_position(cam: Tensor, pose: HandPose, K: Tensor, ctx: ImageContext) -> Tensor:
+        """Query embedding input ``[B, N, 3]``: crop position in [-1, 1] and depth to the wrist."""
+        z = cam[..., 2].clamp_min(1e-3)
+        u = K[:, None, 0, 0] * cam[..., 0] / z + K[:, None, 0, 2]
+        v = K[:, None, 1, 1] * cam[..., 1] / z + K[:, None, 1, 2]
+        height, width = ctx.image_size
+        rel = (cam[..., 2] - pose.origin[:, None, 2]) / NORM_SCALE
+        return torch.stack([2 * u / width - 1, 2 * v / height - 1, rel], -1)
+
+
+def occupancy_bce(logits: Tensor, labels: Tensor, present: Tensor) -> Tensor:
+    """Mean binary cross-entropy ``logits [B, 2, N]`` vs ``labels [B, 2, N]`` over present hands."""
+    loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(-1)
+    weight = present.to(loss.dtype)
+    return (loss * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def part_distances(points_norm: Tensor, joints_norm: Tensor) -> Tensor:
+    """Distance ``[B, 16, N]`` from each point to each part's bone (normalised units).
+
+    The 15 finger bones are parts 1..15; the palm (part 0) is the nearest of the five root bones
+    (wrist to each finger's first joint). Points ``[B, N, 3]`` and joints ``[B, 21, 3]`` are in
+    the same (for left hands mirrored) normalised space. Rigid part transforms keep distances, so
+    this is also the distance to the bone in the part's canonical space.
+    """
+    a = joints_norm[:, _BONE_PARENTS]  # [B, 20, 3]
+    ab = joints_norm[:, _BONE_CHILDREN] - a
+    ap = points_norm[:, None] - a[:, :, None]  # [B, 20, N, 3]
+    t = ((ap * ab[:, :, None]).sum(-1) / (ab * ab).sum(-1).clamp_min(1e-12)[..., None]).clamp(0, 1)
+    dist = (ap - t[..., None] * ab[:, :, None]).norm(dim=-1)  # [B, 20, N]
+    return torch.cat([dist[:, :5].min(1, keepdim=True).values, dist[:, 5:]], 1)
+
+
+def nearest_part(points_norm: Tensor, joints_norm: Tensor) -> Tensor:
+    """Index ``[B, N]`` of the part nearest to each point (the part-assignment target)."""
+    return part_distances(points_norm, joints_norm).argmin(1)
+
+
+def part_assignment_loss(
+    parts: Tensor, labels: Tensor, target_part: Tensor, present: Tensor
+) -> Tensor:
+    """NASA-style auxiliary loss: inside points belong to their nearest part only.
+
+    Each part's logit at a point is pushed to ``label`` if it is the point's nearest part and to 0
+    otherwise, which teaches every part MLP its own piece of the hand early in training (the max
+    over parts alone only trains the currently largest part at each point).
+
+    Args:
+        parts: ``[B, 2, 16, N]`` part logits; labels: ``[B, 2, N]``; target_part: ``[B, 2, N]``;
+        present: ``[B, 2]``.
+    """
+    onehot = F.one_hot(target_part, NUM_PARTS).permute(0, 1, 3, 2).to(parts.dtype)
+    target = onehot * labels[:, :, None]
+    loss = F.binary_cross_entropy_with_logits(parts, target, reduction="none").mean((-1, -2))
+    weight = present.to(loss.dtype)
+    return (loss * weight).sum() / weight.sum().clamp_min(1.0)
