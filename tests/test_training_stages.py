@@ -95,3 +95,70 @@ def test_keypoint_stages_train(stage, tiny_dataset_dir, tmp_path):
     cfg = _cfg(stage, tiny_dataset_dir, tmp_path, 40, [])
     train(cfg)
     _assert_falls(_losses(tmp_path))
+
+
+def test_evaluate_writes_the_table_for_every_variant(init_run, tiny_dataset_dir, tmp_path):
+    """HALO, I, I+R and K variants end to end through training/evaluate.py (tiny sizes)."""
+    import subprocess
+    import sys
+
+    halo = tmp_path / "halo"
+    train(_cfg("init_occ", tiny_dataset_dir, halo, 4,
+               ["data.points_per_hand=128", "model.hidden=16",
+                "model.image_conditioning=false"]))  # fmt: skip
+    ref = tmp_path / "ref"
+    train(_cfg("ref_occ", tiny_dataset_dir, ref, 4,
+               ["data.points_per_hand=128", f"init.init_occ_checkpoint={init_run / 'best.pt'}",
+                "model.refine={dim: 16, num_anchors: 32, latent_dim: 16, hidden: 16}",
+                "model.anchor_candidates=128"]))  # fmt: skip
+    kref = tmp_path / "kref"
+    train(_cfg("kpts_ref", tiny_dataset_dir, kref, 4, []))
+    out = tmp_path / "results"
+    script = Path(__file__).resolve().parents[1] / "training" / "evaluate.py"
+    cmd = [sys.executable, str(script), "--data", str(tiny_dataset_dir), "--scenes", "2",
+           "--resolution", "12", "--upsampling-steps", "1", "--n-iou", "3000",
+           "--n-chamfer", "2000", "--pictures", "2", "--quiet", "--out", str(out)]
+    for run in (halo, init_run, ref, kref):
+        cmd += ["--checkpoint", str(run / "best.pt")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "results.json").read_text())
+    names = list(summary["variants"])
+    assert names == ["HALO", "I", "I+R", "I on noisy kpts", "I on noisy kpts + K"], names
+    for name, row in summary["variants"].items():
+        assert set(row) >= {"iou", "chamfer_mm", "mpjpe_mm", "penetration_cm3"}, name
+        assert 0.0 <= row["iou"] <= 100.0
+    assert summary["variants"]["HALO"]["mpjpe_mm"] == 0.0  # GT keypoints in
+    assert summary["variants"]["I on noisy kpts"]["mpjpe_mm"] > 1.0
+    assert "| I+R |" in (out / "results.md").read_text()
+    from PIL import Image
+
+    assert Image.open(out / "comparison.png").size[0] == 128 * 7  # input, GT, 5 variants
+
+
+def test_evaluate_rejects_missing_checkpoints(tiny_dataset_dir, tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "training" / "evaluate.py"
+    proc = subprocess.run([sys.executable, str(script), "--data", str(tiny_dataset_dir),
+                           "--checkpoint", str(tmp_path / "nope.pt")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and "not found" in proc.stderr
+
+
+def test_resumed_init_occ_run_reproduces_the_uninterrupted_loss_curve(tiny_dataset_dir, tmp_path):
+    """The real I stage (image branch, capsule prior, part loss): 12 steps in one go equal
+    6 steps + resume to 12, loss by loss and weight by weight."""
+    extra = ["data.points_per_hand=128", "model.hidden=16", "train.val_every=100",
+             "train.ckpt_every=3"]  # fmt: skip
+    full = tmp_path / "full"
+    train(_cfg("init_occ", tiny_dataset_dir, full, 12, extra))
+    split = tmp_path / "split"
+    train(_cfg("init_occ", tiny_dataset_dir, split, 6, extra))
+    result = train(_cfg("init_occ", tiny_dataset_dir, split, 12, extra), resume=True)
+    assert result["resumed_from"] == 6 and result["step"] == 12
+    np.testing.assert_array_equal(_losses(full), _losses(split))
+    a = torch.load(full / "last.pt", weights_only=True)["model"]
+    b = torch.load(split / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

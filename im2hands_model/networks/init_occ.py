@@ -251,6 +251,9 @@ class TwoHandInitialOccupancy(nn.Module):
         else:
             self.encoder, self.tokenizer, self.attention = None, None, None
             img_dim = 0
+        #: Inference-time empty-space skipping distance in metres (None: off); see
+        #: :meth:`forward_normalized`. Hand surfaces lie within ~3 cm of their bones.
+        self.skip_distance: float | None = None
         self.hands = nn.ModuleList(
             [
                 InitialOccupancy(hidden, img_dim, soft_max_temperature, capsule_prior)
@@ -283,6 +286,10 @@ class TwoHandInitialOccupancy(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits ``[B, 2, Q]`` at points ``[B, 2, Q, 3]`` in each hand's own normalised space.
 
+        With :attr:`skip_distance` set (inference only; metres), points farther than that from every
+        bone are not run through the network and get :data:`EMPTY_LOGIT`: most of a meshing grid
+        is empty space far from the hand.
+
         ``points_norm[:, h]`` uses hand ``h``'s root frame from ``joints`` *without* mirroring (the
         dataset's ``occ_points``). Absent hands (``present [B, 2]`` False) and hands with invalid
         keypoints get :data:`EMPTY_LOGIT`. With ``return_parts`` also the per-part logits
@@ -300,9 +307,12 @@ class TwoHandInitialOccupancy(nn.Module):
                     raise ValueError("image-conditioned I needs K and the image context")
                 cam = from_normalized(points_norm[:, h], pose.rot, pose.origin)
                 img = self.attention[h](self.query_position(cam, pose, K, ctx), ctx.tokens)
-            parts = self.hands[h].part_logits(p, pose, img)
-            logits = self.hands[h].reduce_parts(parts)
-            parts_out.append(parts)
+            if self.skip_distance is not None and not return_parts and not torch.is_grad_enabled():
+                logits = self._near_only(h, p, pose, img)
+            else:
+                parts = self.hands[h].part_logits(p, pose, img)
+                logits = self.hands[h].reduce_parts(parts)
+                parts_out.append(parts)
             keep = pose.valid if present is None else pose.valid & present[:, h]
             out.append(torch.where(keep[:, None], logits, logits.new_full((), EMPTY_LOGIT)))
         if return_parts:
@@ -347,6 +357,20 @@ class TwoHandInitialOccupancy(nn.Module):
             1,
         ) / NORM_SCALE
         return self.forward_normalized(norm, joints, K, ctx, present, poses, return_parts)
+
+    def _near_only(self, h: int, p: Tensor, pose: HandPose, img: Tensor | None) -> Tensor:
+        """Logits ``[B, Q]``, running the network only on points near the hand's bones."""
+        limit = self.skip_distance / NORM_SCALE
+        near = part_distances(p, pose.joints_norm).min(1).values <= limit  # [B, Q]
+        out = p.new_full(near.shape, EMPTY_LOGIT)
+        for b in range(p.shape[0]):  # one scene at a time: each keeps its own near points
+            idx = near[b].nonzero()[:, 0]
+            if idx.numel() == 0:
+                continue
+            sub = HandPose(*(getattr(pose, f)[b : b + 1] for f in HandPose.__dataclass_fields__))
+            feat = None if img is None else img[b : b + 1, idx]
+            out[b, idx] = self.hands[h](p[b : b + 1, idx], sub, feat)[0]
+        return out
 
     @staticmethod
     def query_position(cam: Tensor, pose: HandPose, K: Tensor, ctx: ImageContext) -> Tensor:

@@ -8,7 +8,7 @@ aligned at joint 9, and the penetration volume between the two hands. Variants:
 ``HALO``                    keypoint-only I (``init_occ`` with image_conditioning off), GT keypoints
 ``I``                       image-conditioned I, GT keypoints
 ``I+R``                     a ``ref_occ`` checkpoint: I, then R (anchors sampled on I's mesh)
-``<occ> on noisy kpts``     the best occupancy variant given GT keypoints + noise
+``<occ> on noisy kpts``     I (else the first occupancy variant) given GT keypoints + noise
 ``<occ> on noisy kpts + K`` the same after K (a ``kpts_ref`` checkpoint) refined the noisy keypoints
 
 Outputs in ``--out``: ``results.json`` (``{"variants": {name: {"iou", "chamfer_mm", "mpjpe_mm",
@@ -40,7 +40,12 @@ from im2hands_model.evaluation import (
 )
 from im2hands_model.meshing import Mesh
 from im2hands_model.metrics import sample_surface_points
+from im2hands_model.networks.init_occ import EMPTY_LOGIT
 from im2hands_model.training.stages.occupancy_common import mesh_scene
+
+#: Points farther than this from every bone of a hand are empty for it (not run through I):
+#: hand surfaces lie within ~3 cm of their bones; most of a meshing grid is far from the hand.
+SKIP_DISTANCE_M = 0.045
 
 #: Thresholds of the paper protocol: 0.5 for I (and HALO), 0.45 for R.
 THRESHOLD_I = 0.5
@@ -79,6 +84,9 @@ def load_run(path: str | Path, device: torch.device) -> tuple[str, dict, nn.Modu
     else:
         raise ValueError(f"{path}: unsupported stage {stage!r}")
     model.load_state_dict(ckpt["model"])
+    inner = model.init if stage == "ref_occ" else model
+    if stage in ("init_occ", "ref_occ"):
+        inner.skip_distance = SKIP_DISTANCE_M
     return stage, cfg, model.to(device).eval()
 
 
@@ -116,7 +124,16 @@ def _refined_occupancy(net: nn.Module, resolution: int, steps: int, seed: int) -
                             anchors=anchors.to(joints.device))  # fmt: skip
 
         def occ(points: Tensor) -> Tensor:
-            _, refined = net.score(state, points[None])
+            # R only where I sees a hand nearby (I skips empty space, see SKIP_DISTANCE_M)
+            queries, init_logits = net.init_logits(state, points[None])
+            near = (init_logits[0] > EMPTY_LOGIT).any(0).nonzero()[:, 0]
+            refined = init_logits.clone()
+            if near.numel():
+                ctx = state.ctx
+                refined[:, :, near] = net.refine.decode(
+                    queries[:, near], init_logits[:, :, near], ctx, state.K, state.feats,
+                    state.center,
+                )  # fmt: skip
             p = points.shape[1]
             return torch.sigmoid(torch.stack([refined[0, 0, :p], refined[0, 1, p:]]))
 
@@ -152,7 +169,8 @@ def build_variants(
         occ_variants = [v for v in variants if v.keypoints is gt]
         if not occ_variants:
             raise ValueError("K needs an occupancy checkpoint (init_occ or ref_occ) to mesh with")
-        base = occ_variants[-1]
+        # Mesh the noisy-keypoint variants with I if there is one (cheaper than I+R).
+        base = next((v for v in occ_variants if v.name == "I"), occ_variants[0])
 
         def noisy(batch: dict[str, Tensor]) -> Tensor:
             return noise_stage.validation_noise(batch)

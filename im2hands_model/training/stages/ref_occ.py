@@ -190,14 +190,23 @@ class RefinedOccupancy(nn.Module):
             if anchors is None:
                 if candidates_norm is None:
                     raise ValueError("prepare needs candidates_norm or anchors")
-                c = candidates_norm.shape[2]
-                queries, logits = self.init_logits(state, candidates_norm)
-                cam = queries.reshape(queries.shape[0], 2, c, 3)
+                # each hand's candidates are scored by that hand's I only
+                own = self.init.forward_normalized(
+                    candidates_norm, joints, K, state.init_ctx, present, state.poses
+                )
+                cam = torch.stack(
+                    [
+                        from_normalized(candidates_norm[:, h], state.poses[h].rot,
+                                        state.poses[h].origin)
+                        for h in (0, 1)
+                    ],
+                    1,
+                )  # fmt: skip
                 anchors = sample_anchors(
                     cam,
-                    own_points(logits),
+                    own,
                     present,
-                    num=min(self.refine.num_anchors, c),
+                    num=min(self.refine.num_anchors, candidates_norm.shape[2]),
                     start="random" if gen is not None else "first",
                     gen=gen,
                 )
@@ -226,12 +235,15 @@ class RefinedOccupancy(nn.Module):
         image: Tensor,
         present: Tensor,
         gen: torch.Generator | None = None,
+        candidates_norm: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """The training computation: anchors from the first ``anchor_candidates`` of each hand's
-        points, then :meth:`score` at all of them (shapes as in :meth:`score`)."""
-        c = min(self.anchor_candidates, points_norm.shape[2])
-        state = self.prepare(joints, K, image, present, candidates_norm=points_norm[:, :, :c],
-                             gen=gen)  # fmt: skip
+        """The training computation: anchors among ``candidates_norm [B, 2, C, 3]`` (default:
+        the first ``anchor_candidates`` of ``points_norm``), then :meth:`score` at
+        ``points_norm`` (shapes as in :meth:`score`)."""
+        if candidates_norm is None:
+            candidates_norm = points_norm
+        candidates_norm = candidates_norm[:, :, : self.anchor_candidates]
+        state = self.prepare(joints, K, image, present, candidates_norm=candidates_norm, gen=gen)
         return self.score(state, points_norm)
 
 
@@ -284,9 +296,11 @@ class RefOccStage:
         points, labels = subsample_points(
             batch["occ_points"], batch["occ_labels"], self.points, gen
         )
+        # anchors come from the stored points (half of them near the surface), not the subsample
         init_logits, refined = model(
-            points, batch["joints_3d"], batch["K"], batch["image"], batch["hand_present"], gen
-        )
+            points, batch["joints_3d"], batch["K"], batch["image"], batch["hand_present"], gen,
+            batch["occ_points"],
+        )  # fmt: skip
         return self._losses(init_logits, refined, labels, batch["hand_present"])
 
     @torch.no_grad()
