@@ -90,11 +90,18 @@ def test_ref_occ_without_an_i_checkpoint_fails_clearly(tiny_dataset_dir, tmp_pat
         train(cfg)
 
 
-@pytest.mark.parametrize("stage", ["kpts_pred", "kpts_ref"])
-def test_keypoint_stages_train(stage, tiny_dataset_dir, tmp_path):
-    cfg = _cfg(stage, tiny_dataset_dir, tmp_path, 40, [])
-    train(cfg)
+def test_keypoint_predictor_stage_trains(tiny_dataset_dir, tmp_path):
+    train(_cfg("kpts_pred", tiny_dataset_dir, tmp_path, 40, []))
     _assert_falls(_losses(tmp_path))
+
+
+def test_keypoint_refinement_stage_trains_and_beats_its_noisy_input(tiny_dataset_dir, tmp_path):
+    # The training loss is dominated by fresh per-step noise (incl. a global offset per hand that
+    # the image barely constrains); validation uses fixed noise per scene: K must beat its input.
+    train(_cfg("kpts_ref", tiny_dataset_dir, tmp_path, 160, []))
+    assert np.isfinite(_losses(tmp_path)).all()
+    val = json.loads((tmp_path / "val_log.jsonl").read_text().splitlines()[-1])["metrics"]
+    assert val["mpjpe_mm"] < 0.9 * val["mpjpe_in_mm"], val
 
 
 def test_evaluate_writes_the_table_for_every_variant(init_run, tiny_dataset_dir, tmp_path):
