@@ -36,12 +36,12 @@ from im2hands_model.networks.init_occ import (
     occupancy_bce,
     part_assignment_loss,
 )
+from im2hands_model.training.checkpoint import unwrap
 from im2hands_model.training.stages.occupancy_common import (
     dataset_faces,
     occupancy_iou,
     occupancy_picture,
     subsample_points,
-    unwrap,
 )
 
 

@@ -32,15 +32,11 @@ from im2hands_model.networks.keypoint_pred import (
     joint_error_mm,
     keypoint_loss,
 )
+from im2hands_model.training.checkpoint import unwrap
 
 GT_COLOUR = (40, 220, 60)
 PRED_COLOUR = (235, 40, 40)
 INPUT_COLOUR = (60, 120, 255)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The network inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if hasattr(model, "module") else model
 
 
 def build_keypoint_predictor(model_cfg: dict) -> KeypointPredictor:

@@ -35,13 +35,13 @@ from torch import Tensor, nn
 from im2hands_model.networks.backbone import project_points
 from im2hands_model.networks.keypoint_pred import joint_error_mm
 from im2hands_model.networks.keypoint_ref import KeypointRefiner, add_keypoint_noise, refine_loss
+from im2hands_model.training.checkpoint import unwrap
 from im2hands_model.training.stages.kpts_pred import (
     GT_COLOUR,
     INPUT_COLOUR,
     PRED_COLOUR,
     joint_metrics,
     skeleton_sheet,
-    unwrap,
 )
 
 DEFAULT_LOSS: dict[str, float] = {

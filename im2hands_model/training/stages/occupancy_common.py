@@ -7,14 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from im2hands_model.hands import from_normalized, root_frame
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The network inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if hasattr(model, "module") else model
 
 
 def subsample_points(

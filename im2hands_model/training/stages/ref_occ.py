@@ -34,13 +34,13 @@ from im2hands_model.hands import from_normalized, to_normalized
 from im2hands_model.networks.backbone import ImageEncoder
 from im2hands_model.networks.init_occ import TwoHandInitialOccupancy
 from im2hands_model.networks.ref_occ import TwoHandRefinement, penetration_loss, sample_anchors
+from im2hands_model.training.checkpoint import unwrap
 from im2hands_model.training.stages.init_occ import build_init_occ
 from im2hands_model.training.stages.occupancy_common import (
     dataset_faces,
     occupancy_iou,
     occupancy_picture,
     subsample_points,
-    unwrap,
 )
 
 
