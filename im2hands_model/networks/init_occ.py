@@ -31,7 +31,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from im2hands_model.canonical import NUM_PARTS, PART_BONES, HandPose, canonicalize
-from im2hands_model.hands import FINGER_JOINTS, NORM_SCALE, from_normalized
+from im2hands_model.hands import (
+    FINGER_JOINTS,
+    NORM_SCALE,
+    from_normalized,
+    mirror_normalized,
+    to_normalized,
+)
 from im2hands_model.networks.backbone import ImageEncoder, ImageFeatures, PatchTokenizer
 
 # Bones behind :func:`part_distances`: the five root bones (palm), then the 15 part bones.
@@ -299,8 +305,8 @@ class TwoHandInitialOccupancy(nn.Module):
         out, parts_out = [], []
         for h, pose in enumerate(poses):
             p = points_norm[:, h]
-            if h == 0:  # mirror the left hand into a right hand: (x, y, z) -> (x, y, -z)
-                p = p * p.new_tensor([1.0, 1.0, -1.0])
+            if h == 0:  # the left hand's network sees it mirrored into a right hand
+                p = mirror_normalized(p)
             img = None
             if self.image_conditioning:
                 if ctx is None or K is None:
@@ -350,12 +356,8 @@ class TwoHandInitialOccupancy(nn.Module):
         if normalized:
             return self.forward_normalized(queries, joints, K, ctx, present, poses, return_parts)
         norm = torch.stack(
-            [
-                (queries[:, h] - poses[h].origin[:, None]) @ poses[h].rot.transpose(-1, -2)
-                for h in range(2)
-            ],
-            1,
-        ) / NORM_SCALE
+            [to_normalized(queries[:, h], poses[h].rot, poses[h].origin) for h in range(2)], 1
+        )
         return self.forward_normalized(norm, joints, K, ctx, present, poses, return_parts)
 
     def _near_only(self, h: int, p: Tensor, pose: HandPose, img: Tensor | None) -> Tensor:

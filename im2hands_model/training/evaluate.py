@@ -23,7 +23,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ from im2hands_model.meshing import Mesh
 from im2hands_model.metrics import sample_surface_points
 from im2hands_model.networks.init_occ import EMPTY_LOGIT
 from im2hands_model.training.stages.occupancy_common import mesh_scene
+from im2hands_model.training.stages.ref_occ import own_points
 
 #: Points farther than this from every bone of a hand are empty for it (not run through I):
 #: hand surfaces lie within ~3 cm of their bones; most of a meshing grid is far from the hand.
@@ -62,7 +63,6 @@ class Variant:
     occupancy: Callable[[dict[str, Tensor], Tensor], Callable[[Tensor], Tensor]]
     # scene batch -> joints [1, 2, 21, 3] the occupancy is conditioned on
     keypoints: Callable[[dict[str, Tensor]], Tensor]
-    meshes: list = field(default_factory=list)
 
 
 def load_run(path: str | Path, device: torch.device) -> tuple[str, dict, nn.Module]:
@@ -134,8 +134,7 @@ def _refined_occupancy(net: nn.Module, resolution: int, steps: int, seed: int) -
                     queries[:, near], init_logits[:, :, near], ctx, state.K, state.feats,
                     state.center,
                 )  # fmt: skip
-            p = points.shape[1]
-            return torch.sigmoid(torch.stack([refined[0, 0, :p], refined[0, 1, p:]]))
+            return torch.sigmoid(own_points(refined)[0])
 
         return occ
 

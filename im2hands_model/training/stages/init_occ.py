@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from im2hands_model.hands import mirror_normalized
 from im2hands_model.networks.init_occ import (
     TwoHandInitialOccupancy,
     nearest_part,
@@ -111,13 +112,9 @@ class InitOccStage:
     def part_targets(net: nn.Module, points: Tensor, joints: Tensor) -> Tensor:
         """``[B, 2, N]`` nearest part of each point (left hands mirrored like the network's)."""
         poses = net.poses(joints)
-        flip = points.new_tensor([1.0, 1.0, -1.0])
+        mirrored = [mirror_normalized(points[:, 0]), points[:, 1]]
         return torch.stack(
-            [
-                nearest_part(points[:, h] * (flip if h == 0 else 1.0), poses[h].joints_norm)
-                for h in range(2)
-            ],
-            1,
+            [nearest_part(mirrored[h], poses[h].joints_norm) for h in range(2)], 1
         )
 
     @torch.no_grad()

@@ -107,6 +107,15 @@ def joint_metrics(pred: Tensor, gt: Tensor, present: Tensor) -> dict[str, float]
     return {"mpjpe_mm": rel, "mpjpe_abs_mm": float(abs_err.mean())}
 
 
+def loss_options(cfg: dict, allowed: dict, stage: str) -> dict:
+    """The config's ``loss`` section, refusing keys that ``allowed`` (the defaults) lacks."""
+    loss_cfg = dict(cfg.get("loss", {}) or {})
+    unknown = sorted(set(loss_cfg) - set(allowed))
+    if unknown:
+        raise ValueError(f"{stage}: unknown loss keys {unknown}; allowed: {sorted(allowed)}")
+    return loss_cfg
+
+
 class KptsPredStage:
     """Trains :class:`~im2hands_model.networks.keypoint_pred.KeypointPredictor`."""
 
@@ -117,12 +126,7 @@ class KptsPredStage:
     def __init__(self, cfg: dict) -> None:
         self.cfg = cfg
         self.model_cfg = dict(cfg.get("model", {}) or {})
-        loss_cfg = dict(cfg.get("loss", {}) or {})
-        unknown = sorted(set(loss_cfg) - set(DEFAULT_LOSS_WEIGHTS))
-        if unknown:
-            raise ValueError(
-                f"kpts_pred: unknown loss keys {unknown}; allowed: {sorted(DEFAULT_LOSS_WEIGHTS)}"
-            )
+        loss_cfg = loss_options(cfg, DEFAULT_LOSS_WEIGHTS, self.name)
         self.weights = {k: float(v) for k, v in loss_cfg.items()}
 
     def build_model(self, device: torch.device) -> nn.Module:

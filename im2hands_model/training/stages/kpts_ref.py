@@ -41,6 +41,7 @@ from im2hands_model.training.stages.kpts_pred import (
     INPUT_COLOUR,
     PRED_COLOUR,
     joint_metrics,
+    loss_options,
     skeleton_sheet,
 )
 
@@ -84,13 +85,7 @@ class KptsRefStage:
     def __init__(self, cfg: dict) -> None:
         self.cfg = cfg
         self.model_cfg = dict(cfg.get("model", {}) or {})
-        loss_cfg = dict(cfg.get("loss", {}) or {})
-        unknown = sorted(set(loss_cfg) - set(DEFAULT_LOSS))
-        if unknown:
-            raise ValueError(
-                f"kpts_ref: unknown loss keys {unknown}; allowed: {sorted(DEFAULT_LOSS)}"
-            )
-        opts = {**DEFAULT_LOSS, **loss_cfg}
+        opts = {**DEFAULT_LOSS, **loss_options(cfg, DEFAULT_LOSS, self.name)}
         self.sigma_mm = float(opts["sigma_mm"])
         self.global_mm = float(opts["global_mm"])
         self.abs_weight = float(opts["abs_weight"])

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from im2hands_model.hands import from_normalized, root_frame
+from im2hands_model.hands import root_frame
 
 
 def subsample_points(
@@ -61,7 +61,7 @@ def mesh_scene(
         joints: ``[2, 21, 3]`` the keypoints the occupancy was conditioned on (camera frame).
         present: ``[2]`` bool.
     """
-    from im2hands_model.meshing import Mesh, extract_meshes
+    from im2hands_model.meshing import extract_meshes, mesh_to_camera
 
     valid = [bool(present[h]) and bool(torch.isfinite(joints[h]).all()) for h in range(2)]
     meshes = extract_meshes(
@@ -74,14 +74,7 @@ def mesh_scene(
         valid=valid,
     )
     rot, origin = root_frame(joints)
-    out = []
-    for h, mesh in enumerate(meshes):
-        if mesh is None:
-            out.append(None)
-            continue
-        v = from_normalized(torch.as_tensor(mesh.vertices).to(joints), rot[h], origin[h])
-        out.append(Mesh(v.cpu().numpy().astype(np.float32), np.asarray(mesh.faces)))
-    return out
+    return [mesh_to_camera(mesh, rot[h], origin[h]) for h, mesh in enumerate(meshes)]
 
 
 def dataset_faces(cfg: dict, split: str = "val") -> np.ndarray | None:

@@ -276,7 +276,7 @@ class RefOccStage:
         return build_refined(self.cfg, init).to(device)
 
     def _losses(
-        self, init_logits: Tensor, refined: Tensor, labels: Tensor, present: Tensor
+        self, refined: Tensor, labels: Tensor, present: Tensor
     ) -> tuple[Tensor, dict[str, float]]:
         occ = torch.sigmoid(own_points(refined))
         mse = ((occ - labels) ** 2).mean(-1)
@@ -301,7 +301,7 @@ class RefOccStage:
             points, batch["joints_3d"], batch["K"], batch["image"], batch["hand_present"], gen,
             batch["occ_points"],
         )  # fmt: skip
-        return self._losses(init_logits, refined, labels, batch["hand_present"])
+        return self._losses(refined, labels, batch["hand_present"])
 
     @torch.no_grad()
     def validate(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, float]:
@@ -310,7 +310,7 @@ class RefOccStage:
             batch["occ_points"], batch["joints_3d"], batch["K"], batch["image"], present
         )
         labels = batch["occ_labels"]
-        loss, terms = self._losses(init_logits, refined, labels, present)
+        loss, terms = self._losses(refined, labels, present)
         both = (torch.sigmoid(refined[:, 0]) * torch.sigmoid(refined[:, 1]) > 0.25).float()
         return {
             "iou": occupancy_iou(own_points(refined), labels, present),
