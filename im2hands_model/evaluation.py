@@ -2,6 +2,7 @@
 
 * :func:`hand_metrics` -- IoU (%), Chamfer-L1 (mm) and MPJPE (mm) of one predicted hand.
 * :func:`scene_penetration_cm3` -- volume shared by the two predicted hands of a scene (cm³).
+* :func:`scene_contact_cm2` -- area where the two hands touch or overlap (cm²).
 * :class:`MetricTable` -- accumulates per-hand / per-scene values per method variant and writes
   the JSON summary and a Markdown table.
 * :func:`comparison_picture` -- GT and each variant's meshes rendered over the input crops.
@@ -29,6 +30,7 @@ from im2hands_model.data.contact_sheet import HAND_COLOURS
 from im2hands_model.hands import BOX_HALF, NUM_JOINTS, from_normalized, root_frame
 from im2hands_model.metrics import (
     chamfer_l1_mm,
+    contact_area,
     inside_mesh,
     iou,
     mpjpe_mm,
@@ -44,6 +46,7 @@ __all__ = [
     "hand_box_points",
     "hand_metrics",
     "load_summary",
+    "scene_contact_cm2",
     "scene_penetration_cm3",
     "summary_markdown",
 ]
@@ -51,8 +54,9 @@ __all__ = [
 HAND_METRICS: tuple[str, ...] = ("iou", "chamfer_mm", "mpjpe_mm")
 """Per-hand metrics: IoU in percent, Chamfer-L1 in mm, MPJPE in mm."""
 
-SCENE_METRICS: tuple[str, ...] = ("penetration_cm3",)
-"""Per-scene metrics: penetration volume between the two hands in cm³."""
+SCENE_METRICS: tuple[str, ...] = ("penetration_cm3", "contact_cm2")
+"""Per-scene metrics: penetration volume between the two hands in cm³, and contact area (the
+mean over both hands of the surface touching or inside the other hand) in cm²."""
 
 HAND_RGB: tuple[tuple[int, int, int], ...] = HAND_COLOURS
 """Display colours of the left (blue) and right (orange) hand, as in the dataset contact sheet."""
@@ -62,6 +66,7 @@ _COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("chamfer_mm", "CD (mm)", 2),
     ("mpjpe_mm", "MPJPE (mm)", 2),
     ("penetration_cm3", "Pen. (cm³)", 3),
+    ("contact_cm2", "Contact (cm²)", 2),
 )
 
 
@@ -185,6 +190,18 @@ def scene_penetration_cm3(meshes: Sequence[Any | None], voxel_size: float = 0.00
     return float(penetration_volume_cm3(_vf(present[0]), _vf(present[1]), voxel_size=voxel_size))
 
 
+def scene_contact_cm2(meshes: Sequence[Any | None], contact_distance: float = 0.003) -> float:
+    """Contact area between the two hands of a scene in cm²: the mean over both hands of the
+    surface within ``contact_distance`` of, or inside, the other hand
+    (:func:`~im2hands_model.metrics.contact_area`). Fewer than two meshes: 0."""
+    present = [m for m in meshes if m is not None]
+    if len(present) > 2:
+        raise ValueError(f"expected at most two hands, got {len(present)} meshes")
+    if len(present) < 2:
+        return 0.0
+    return float(contact_area(_vf(present[0]), _vf(present[1]), contact_distance).mean_cm2)
+
+
 # ----------------------------------------------------------------------------------------------
 # Accumulation and reports
 # ----------------------------------------------------------------------------------------------
@@ -194,14 +211,15 @@ class MetricTable:
     """Per-variant accumulator of hand and scene metrics.
 
     ``add_hand(variant, values)`` records one present hand (``values`` as returned by
-    :func:`hand_metrics`; ``None`` = absent hand, skipped); ``add_scene(variant, penetration_cm3)``
-    records one scene. Means are over finite values; non-finite values (e.g. the Chamfer distance
-    of a hand without a predicted mesh) are skipped and show as a smaller count.
+    :func:`hand_metrics`; ``None`` = absent hand, skipped); ``add_scene(variant, penetration_cm3,
+    contact_cm2)`` records one scene. Means are over finite values; non-finite values (e.g. the
+    Chamfer distance of a hand without a predicted mesh) are skipped and show as a smaller count.
 
     The summary (``summary()``, ``write_json``) is::
 
         {"variants": {name: {"iou": %, "chamfer_mm": mm, "mpjpe_mm": mm,
-                             "penetration_cm3": cm³, "n_hands": int, "n_scenes": int,
+                             "penetration_cm3": cm³, "contact_cm2": cm², "n_hands": int,
+                             "n_scenes": int,
                              "counts": {metric: number of finite values}}}}
 
     with ``null`` for a metric a variant never reported. Variants keep insertion order.
@@ -235,9 +253,13 @@ class MetricTable:
         for key, value in values.items():
             store[key].append(float(value))
 
-    def add_scene(self, variant: str, penetration_cm3: float) -> None:
-        """Record one scene's penetration volume (cm³)."""
-        self._variant(variant)["penetration_cm3"].append(float(penetration_cm3))
+    def add_scene(
+        self, variant: str, penetration_cm3: float, contact_cm2: float = math.nan
+    ) -> None:
+        """Record one scene's penetration volume (cm³) and contact area (cm², NaN: unmeasured)."""
+        store = self._variant(variant)
+        store["penetration_cm3"].append(float(penetration_cm3))
+        store["contact_cm2"].append(float(contact_cm2))
         self._n_scenes[variant] += 1
 
     def summary(self) -> dict[str, Any]:

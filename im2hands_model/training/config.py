@@ -76,6 +76,9 @@ DEFAULTS: dict[str, Any] = {
         "val": None,
         "num_workers": 2,
         "points_per_hand": 2048,
+        # photometric augmentation of the crops (image stages): brightness/contrast/colour
+        # jitter of this relative size, and Gaussian pixel noise of this standard deviation
+        "augment": {"colour": 0.0, "noise": 0.0},
     },
     "model": {},
     "loss": {},
@@ -108,6 +111,9 @@ DEFAULTS: dict[str, Any] = {
         "progress": True,
         "tensorboard": True,
         "debug_rank_state": False,
+        # warm start: model weights from this checkpoint (a run's best.pt/last.pt or
+        # model.safetensors); optimiser, schedule and step start afresh. Ignored on --resume.
+        "init_weights": None,
     },
 }
 
@@ -263,6 +269,10 @@ def _suggest(key: str, known: list[str]) -> str:
 
 
 def _check_dataset_dir(errors: list[str], key: str, value: Any, check_paths: bool) -> None:
+    if isinstance(value, list | tuple) and value:  # several folders, read as one dataset
+        for i, item in enumerate(value):
+            _check_dataset_dir(errors, f"{key}[{i}]", item, check_paths)
+        return
     if not isinstance(value, str | os.PathLike) or not str(value):
         errors.append(f"{key} is missing: set it to a dataset folder (e.g. --set {key}=DIR)")
     elif check_paths and not (Path(value) / "index.json").is_file():
@@ -313,6 +323,16 @@ def validate_config(cfg: dict, check_paths: bool = True) -> None:
     ppp = data.get("points_per_hand")
     if ppp is not None and (not _is_int(ppp) or ppp <= 0):
         errors.append(f"data.points_per_hand must be a positive integer, not {ppp!r}")
+    aug = data.get("augment")
+    if not isinstance(aug, dict):
+        errors.append(f"data.augment must be a mapping (colour, noise), not {aug!r}")
+    else:
+        known_a = list(DEFAULTS["data"]["augment"])
+        for key, value in aug.items():
+            if key not in known_a:
+                errors.append(f"unknown key data.augment.{key}{_suggest(key, known_a)}")
+            elif not _is_num(value) or not 0 <= value <= 1:
+                errors.append(f"data.augment.{key} must be a number in [0, 1], not {value!r}")
 
     train = cfg["train"]
     known = list(DEFAULTS["train"])
@@ -349,6 +369,12 @@ def validate_config(cfg: dict, check_paths: bool = True) -> None:
     tl = train.get("time_limit_min")
     if tl is not None and (not _is_num(tl) or tl <= 0):
         errors.append(f"train.time_limit_min must be a positive number or null, not {tl!r}")
+    iw = train.get("init_weights")
+    if iw is not None:
+        if not isinstance(iw, str | os.PathLike) or not str(iw):
+            errors.append(f"train.init_weights must be a checkpoint path or null, not {iw!r}")
+        elif check_paths and not Path(iw).is_file():
+            errors.append(f"train.init_weights: {iw} does not exist")
     gc = train.get("grad_clip")
     if gc is not None and (not _is_num(gc) or gc <= 0):
         errors.append(f"train.grad_clip must be a positive number or null, not {gc!r}")

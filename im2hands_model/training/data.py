@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from os import PathLike
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from im2hands_model.training.config import INTERHAND_MESSAGE, ConfigError
 
 
 def build_dataset(cfg: dict, split: str, keys: list[str] | None = None) -> Dataset:
     """The dataset of ``split`` (``"train"`` or ``"val"``) that ``cfg['data']`` describes.
+
+    ``data.train`` / ``data.val`` is one dataset folder or a list of folders (read as one).
 
     ``keys`` limits the arrays loaded per item (default: all), e.g. a stage's ``data_keys``.
 
@@ -36,12 +39,16 @@ def build_dataset(cfg: dict, split: str, keys: list[str] | None = None) -> Datas
         raise ConfigError(INTERHAND_MESSAGE)
     if kind != "synthetic":
         raise ConfigError(f"data.dataset must be 'synthetic' or 'interhand', not {kind!r}")
-    root = data.get(split)
-    if not root:
+    roots = data.get(split)
+    if not roots:
         raise ConfigError(f"data.{split} is missing: set it to a dataset folder")
     from im2hands_model.data.shards import ShardDataset
 
-    return ShardDataset(root, keys=list(keys) if keys else None)
+    if isinstance(roots, str | PathLike):
+        return ShardDataset(roots, keys=list(keys) if keys else None)
+    # several folders (e.g. datasets made with different seeds) are read as one, in order
+    parts = [ShardDataset(r, keys=list(keys) if keys else None) for r in roots]
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -55,6 +55,7 @@ from im2hands_model.training.checkpoint import (
     SAFETENSORS,
     export_safetensors,
     load_checkpoint,
+    load_model_state,
     restore_training_state,
     rng_state,
     save_checkpoint,
@@ -284,6 +285,8 @@ class _Trainer:
         else:
             if resume:
                 log.info("--resume: no %s in %s yet, starting a new run", LAST, self.out)
+            if tc.get("init_weights"):
+                self._warm_start(Path(tc["init_weights"]))
             # per-rank global RNG streams (dropout etc.); the weights were built with `seed`
             seed_everything(mix_seed(self.seed, 1 + info.rank))
         if main:
@@ -341,6 +344,21 @@ class _Trainer:
             desc = str(self.cfg["stage"]).rpartition(":")[2]
             self.pbar = tqdm(total=int(tc["max_steps"]), initial=self.step, unit="step",
                              dynamic_ncols=True, desc=desc)  # fmt: skip
+
+    def _warm_start(self, path: Path) -> None:
+        """Model weights from ``train.init_weights``; parameters the stage freezes (those under
+        its ``frozen_prefixes``, e.g. R's copy of I) keep the values the stage gave them."""
+        frozen = tuple(getattr(self.stage, "frozen_prefixes", ()))
+        state = {k: v for k, v in load_model_state(path).items() if not k.startswith(frozen)}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(frozen)]
+        if missing or unexpected:
+            raise ConfigError(
+                f"train.init_weights={path} does not fit stage {self.cfg['stage']!r}: "
+                f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                f"(e.g. {unexpected[:3]}) weights"
+            )
+        self._info(f"warm start: {len(state)} weights from {path}")
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         info = self.info

@@ -36,6 +36,7 @@ from im2hands_model.evaluation import (
     MetricTable,
     comparison_picture,
     hand_metrics,
+    scene_contact_cm2,
     scene_penetration_cm3,
 )
 from im2hands_model.meshing import Mesh
@@ -55,14 +56,15 @@ THRESHOLD_R = 0.45
 
 @dataclass
 class Variant:
-    """One row of the table: how to get both hands' keypoints and occupancy for a scene."""
+    """One row of the table: an occupancy model meshed from one source of keypoints."""
 
     name: str
+    model: str  # "HALO" | "I" | "I+R"
     threshold: float
-    # (scene batch, input joints [1, 2, 21, 3]) -> occ_fn(points [2, P, 3]) -> probs [2, P]
-    occupancy: Callable[[dict[str, Tensor], Tensor], Callable[[Tensor], Tensor]]
-    # scene batch -> joints [1, 2, 21, 3] the occupancy is conditioned on
-    keypoints: Callable[[dict[str, Tensor]], Tensor]
+    # (scene batch, input joints [1, 2, 21, 3], I's meshes for these joints or None)
+    #   -> occ_fn(points [2, P, 3]) -> probs [2, P]
+    occupancy: Callable[[dict[str, Tensor], Tensor, list | None], Callable[[Tensor], Tensor]]
+    source: str  # key of the keypoint source in KeypointSources
 
 
 def load_run(path: str | Path, device: torch.device) -> tuple[str, dict, nn.Module]:
@@ -91,7 +93,9 @@ def load_run(path: str | Path, device: torch.device) -> tuple[str, dict, nn.Modu
 
 
 def _init_occupancy(net: nn.Module) -> Callable:
-    def make(batch: dict[str, Tensor], joints: Tensor) -> Callable[[Tensor], Tensor]:
+    def make(
+        batch: dict[str, Tensor], joints: Tensor, init_meshes: list | None = None
+    ) -> Callable[[Tensor], Tensor]:
         ctx = net.encode(batch["image"]) if net.image_conditioning else None
 
         def occ(points: Tensor) -> Tensor:
@@ -108,11 +112,14 @@ def _refined_occupancy(net: nn.Module, resolution: int, steps: int, seed: int) -
     """I+R: mesh I first, sample R's anchors evenly on I's mesh, then score with R."""
     init_make = _init_occupancy(net.init)
 
-    def make(batch: dict[str, Tensor], joints: Tensor) -> Callable[[Tensor], Tensor]:
+    def make(
+        batch: dict[str, Tensor], joints: Tensor, init_meshes: list | None = None
+    ) -> Callable[[Tensor], Tensor]:
         present = batch["hand_present"]
-        init_meshes = mesh_scene(
-            init_make(batch, joints), joints[0], present[0], resolution, steps, THRESHOLD_I
-        )
+        if init_meshes is None:  # not meshed by an I row of the same keypoints
+            init_meshes = mesh_scene(
+                init_make(batch, joints), joints[0], present[0], resolution, steps, THRESHOLD_I
+            )
         rng = np.random.default_rng(seed)
         anchors = torch.zeros(1, 2, net.refine.num_anchors, 3)
         for h, mesh in enumerate(init_meshes):
@@ -141,56 +148,97 @@ def _refined_occupancy(net: nn.Module, resolution: int, steps: int, seed: int) -
     return make
 
 
+#: Keypoint sources: key -> label in variant names ("" = ground truth).
+SOURCE_LABELS = {
+    "gt": "",
+    "pred": "pred. kpts",
+    "pred+K": "pred. kpts + K",
+    "noisy": "noisy kpts",
+    "noisy+K": "noisy kpts + K",
+}
+
+
+class KeypointSources:
+    """The keypoints each variant is conditioned on, computed once per scene and source.
+
+    ``gt``: the dataset's joints. ``pred``: the keypoint predictor (``kpts_pred``) on the image.
+    ``noisy``: GT + the ``kpts_ref`` validation noise. ``…+K``: that input refined by K. Hand
+    presence is the ground truth's in every source, so all rows score the same hands.
+    """
+
+    def __init__(self, predictor: nn.Module | None, refiner: nn.Module | None,
+                 noise_stage: object | None) -> None:  # fmt: skip
+        self.predictor, self.refiner, self.noise_stage = predictor, refiner, noise_stage
+        self._cache: dict[str, Tensor] = {}
+
+    def available(self) -> list[str]:
+        keys = ["gt"]
+        if self.predictor is not None:
+            keys += ["pred"] + (["pred+K"] if self.refiner is not None else [])
+        elif self.refiner is not None and self.noise_stage is not None:
+            keys += ["noisy", "noisy+K"]
+        return keys
+
+    def reset(self) -> None:
+        self._cache.clear()
+
+    @torch.no_grad()
+    def __call__(self, source: str, batch: dict[str, Tensor]) -> Tensor:
+        if source not in self._cache:
+            self._cache[source] = self._compute(source, batch)
+        return self._cache[source]
+
+    def _compute(self, source: str, batch: dict[str, Tensor]) -> Tensor:
+        if source == "gt":
+            return batch["joints_3d"]
+        if source == "pred":
+            return self.predictor(batch["image"], batch["K"]).joints
+        if source == "noisy":
+            return self.noise_stage.validation_noise(batch)
+        if source.endswith("+K"):
+            start = self(source[:-2], batch)
+            return self.refiner(start, batch["hand_present"], image=batch["image"], K=batch["K"])
+        raise KeyError(source)
+
+
 def build_variants(
     runs: list[tuple[str, dict, nn.Module]],
-    noise_stage: object | None,
+    sources: list[str],
     resolution: int,
     steps: int,
     seed: int,
 ) -> list[Variant]:
-    """The table's variants from the loaded checkpoints (see the module docstring)."""
+    """The table's rows: each occupancy checkpoint with each keypoint source (module docstring).
 
-    def gt(batch: dict[str, Tensor]) -> Tensor:
-        return batch["joints_3d"]
-
-    variants: list[Variant] = []
-    refiner = None
+    Noisy-keypoint sources (no predictor given) use only I (else the first occupancy model),
+    the cheapest informative choice; predicted keypoints go through every occupancy model.
+    """
+    models: list[tuple[str, float, Callable]] = []
     for stage, _cfg, model in runs:
         if stage == "init_occ":
             name = "I" if model.image_conditioning else "HALO"
-            variants.append(Variant(name, THRESHOLD_I, _init_occupancy(model), gt))
+            models.append((name, THRESHOLD_I, _init_occupancy(model)))
         elif stage == "ref_occ":
-            occ = _refined_occupancy(model, resolution, steps, seed)
-            variants.append(Variant("I+R", THRESHOLD_R, occ, gt))
-        elif stage == "kpts_ref":
-            refiner = model
-    if refiner is not None:
-        occ_variants = [v for v in variants if v.keypoints is gt]
-        if not occ_variants:
-            raise ValueError("K needs an occupancy checkpoint (init_occ or ref_occ) to mesh with")
-        # Mesh the noisy-keypoint variants with I if there is one (cheaper than I+R).
-        base = next((v for v in occ_variants if v.name == "I"), occ_variants[0])
-
-        def noisy(batch: dict[str, Tensor]) -> Tensor:
-            return noise_stage.validation_noise(batch)
-
-        def refined(batch: dict[str, Tensor]) -> Tensor:
-            with torch.no_grad():
-                return refiner(noisy(batch), batch["hand_present"], image=batch["image"],
-                               K=batch["K"])  # fmt: skip
-
-        for name, kpts in (("on noisy kpts", noisy), ("on noisy kpts + K", refined)):
-            variants.append(Variant(f"{base.name} {name}", base.threshold, base.occupancy, kpts))
+            models.append(("I+R", THRESHOLD_R, _refined_occupancy(model, resolution, steps, seed)))
+    if not models:
+        return []
+    variants: list[Variant] = []
+    for source in sources:
+        label = SOURCE_LABELS[source]
+        chosen = models
+        if source.startswith("noisy"):
+            chosen = [next((m for m in models if m[0] == "I"), models[0])]
+        for name, threshold, occ in chosen:
+            full = f"{name} on {label}" if label else name
+            variants.append(Variant(full, name, threshold, occ, source))
     return variants
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    """Run the evaluation; returns the summary written to ``results.json``."""
-    device = torch.device(args.device)
-    torch.manual_seed(args.seed)
+def _load_models(args: argparse.Namespace, device: torch.device):
+    """(variants, keypoint sources) from the checkpoints in ``args``."""
     runs = [load_run(p, device) for p in args.checkpoint]
-    noise_stage = None
-    for stage, cfg, _ in runs:
+    noise_stage = predictor = refiner = None
+    for stage, cfg, model in runs:
         if stage == "kpts_ref":
             from im2hands_model.training.stages.kpts_ref import KptsRefStage
 
@@ -198,51 +246,117 @@ def evaluate(args: argparse.Namespace) -> dict:
             if args.noise_mm is not None:
                 loss_cfg["sigma_mm"] = args.noise_mm
             noise_stage = KptsRefStage({**cfg, "loss": loss_cfg})
-    variants = build_variants(runs, noise_stage, args.resolution, args.upsampling_steps, args.seed)
+            refiner = model
+        elif stage == "kpts_pred":
+            predictor = model
+    kpts = KeypointSources(predictor, refiner, noise_stage)
+    variants = build_variants(runs, kpts.available(), args.resolution, args.upsampling_steps,
+                              args.seed)  # fmt: skip
     if not variants:
         raise ValueError("no occupancy checkpoint given (init_occ / ref_occ)")
+    return variants, kpts, noise_stage
 
+
+def _scene_records(args: argparse.Namespace, indices: list[int]) -> list[dict]:
+    """Evaluate the scenes ``indices``: per scene, every variant's hand and scene metrics (and
+    the meshes of the first ``args.pictures`` scenes). Runs in the main process or a worker."""
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    variants, kpts, _ = _load_models(args, device)
     data = ShardDataset(args.data)
     faces = data.faces.numpy()
-    n = len(data) if args.scenes is None else min(args.scenes, len(data))
-    table = MetricTable()
-    picture_rows, picture_K = [], []
-    rng = np.random.default_rng(args.seed)
-    t0 = time.perf_counter()
-    from tqdm import tqdm
-
-    for i in tqdm(range(n), desc="evaluate", unit="scene", disable=args.quiet):
+    records = []
+    for i in indices:
+        rng = np.random.default_rng([args.seed, i])  # per scene: independent of --jobs
         item = data[i]
         batch = {k: v[None].to(device) for k, v in item.items()}
         present = item["hand_present"]
+        both = bool(present.all())
         gt_meshes = [
             Mesh(item["vertices"][h].numpy(), faces[h]) if present[h] else None for h in range(2)
         ]
-        row = {}
+        rec: dict = {"index": i, "hands": [], "scenes": []}
+        if both:
+            rec["scenes"].append(("GT meshes", scene_penetration_cm3(gt_meshes),
+                                  scene_contact_cm2(gt_meshes)))  # fmt: skip
+        kpts.reset()
+        meshed: dict[tuple[str, str], list] = {}
         for v in variants:
             with torch.no_grad():
-                joints = v.keypoints(batch)
-                occ = v.occupancy(batch, joints)
+                joints = kpts(v.source, batch)
+                init_meshes = meshed.get(("I", v.source)) if v.model == "I+R" else None
+                occ = v.occupancy(batch, joints, init_meshes)
                 meshes = mesh_scene(occ, joints[0], batch["hand_present"][0], args.resolution,
                                     args.upsampling_steps, v.threshold)  # fmt: skip
+            meshed[(v.model, v.source)] = meshes
             for h in range(2):
                 if not present[h]:
-                    table.add_hand(v.name, None)
                     continue
                 m = hand_metrics(
                     meshes[h], item["vertices"][h].numpy(), faces[h],
                     joints[0, h].cpu().numpy(), item["joints_3d"][h].numpy(), rng,
                     n_iou=args.n_iou, n_chamfer=args.n_chamfer,
                 )  # fmt: skip
-                table.add_hand(v.name, m)
-            if bool(present.all()):
-                table.add_scene(v.name, scene_penetration_cm3(meshes))
-            row[v.name] = meshes
+                rec["hands"].append((v.name, m))
+            if both:
+                rec["scenes"].append((v.name, scene_penetration_cm3(meshes),
+                                      scene_contact_cm2(meshes)))  # fmt: skip
         if i < args.pictures:
             image = (item["image"].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-            picture_rows.append((image, gt_meshes, row))
-            picture_K.append(item["K"].numpy())
+            rows = {v.name: meshed[(v.model, v.source)] for v in variants}
+            rec["picture"] = (image, gt_meshes, rows, item["K"].numpy())
+        records.append(rec)
+    return records
+
+
+def _worker(payload: tuple[argparse.Namespace, list[int], int]) -> list[dict]:
+    args, indices, threads = payload
+    torch.set_num_threads(threads)
+    return _scene_records(args, indices)
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Run the evaluation; returns the summary written to ``results.json``."""
+    device = torch.device(args.device)
+    variants, _, noise_stage = _load_models(args, device)  # fails early on bad checkpoints
+    n_data = len(ShardDataset(args.data))
+    n = n_data if args.scenes is None else min(args.scenes, n_data)
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=n, desc="evaluate", unit="scene", disable=args.quiet)
+    records: list[dict] = []
+    if args.jobs <= 1 or n < 2:
+        for i in range(n):
+            records += _scene_records(args, [i])
+            bar.update(1)
+    else:
+        # Scenes in small chunks over worker processes (spawned: no forked OpenMP state);
+        # each worker uses its share of the CPU threads.
+        import multiprocessing as mp
+
+        threads = max(1, torch.get_num_threads() // args.jobs)
+        chunks = [list(range(a, min(a + 4, n))) for a in range(0, n, 4)]
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            for recs in pool.imap_unordered(_worker, [(args, c, threads) for c in chunks]):
+                records += recs
+                bar.update(len(recs))
+    bar.close()
     seconds = time.perf_counter() - t0
+
+    table = MetricTable()
+    for v in variants:  # rows in variant order, whatever order the scenes finished in
+        table._variant(v.name)
+    picture_rows, picture_K = [], []
+    for rec in sorted(records, key=lambda r: r["index"]):
+        for name, m in rec["hands"]:
+            table.add_hand(name, m)
+        for name, pen, contact in rec["scenes"]:
+            table.add_scene(name, pen, contact)
+        if "picture" in rec:
+            image, gt_meshes, rows, K = rec["picture"]
+            picture_rows.append((image, gt_meshes, rows))
+            picture_K.append(K)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -257,6 +371,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         "n_iou": args.n_iou,
         "n_chamfer": args.n_chamfer,
         "noise_mm": None if noise_stage is None else noise_stage.sigma_mm,
+        "seed": args.seed,
+        "jobs": args.jobs,
         "seconds": round(seconds, 1),
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2))
@@ -272,23 +388,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Paper-style table (IoU %, Chamfer-L1 mm, MPJPE mm, penetration cm^3) of "
         "trained checkpoints on a held-out dataset.",
     )
-    p.add_argument("--checkpoint", action="append", required=True,
-                   help="a training checkpoint (init_occ / ref_occ / kpts_ref); repeat for more")
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        required=True,
+        help="a training checkpoint (init_occ / ref_occ / kpts_ref); repeat for more",
+    )
     p.add_argument("--data", required=True, help="held-out dataset folder (im2hands-data synth)")
     p.add_argument("--out", default="results", help="output folder (default: results)")
     p.add_argument("--scenes", type=int, default=None, help="first N scenes (default: all)")
     p.add_argument("--resolution", type=int, default=32, help="MISE coarse grid (default 32)")
-    p.add_argument("--upsampling-steps", type=int, default=3,
-                   help="MISE subdivisions (default 3: 256^3 effective, the paper protocol)")
+    p.add_argument(
+        "--upsampling-steps",
+        type=int,
+        default=3,
+        help="MISE subdivisions (default 3: 256^3 effective, the paper protocol)",
+    )
     p.add_argument("--n-iou", type=int, default=100_000, help="uniform IoU points per hand")
     p.add_argument("--n-chamfer", type=int, default=100_000, help="surface samples per direction")
-    p.add_argument("--noise-mm", type=float, default=None,
-                   help="per-joint noise for the K variants (default: the kpts_ref config's)")
+    p.add_argument(
+        "--noise-mm",
+        type=float,
+        default=None,
+        help="per-joint noise for the K variants (default: the kpts_ref config's)",
+    )
     p.add_argument("--pictures", type=int, default=4, help="scenes in comparison.png")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="worker processes sharing the scenes (default 1; results do not depend on it)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
     if args.scenes is not None and args.scenes <= 0:
         p.error("--scenes must be positive")
     if args.resolution < 2 or args.upsampling_steps < 0:

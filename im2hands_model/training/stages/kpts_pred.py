@@ -6,11 +6,14 @@ Config (besides the engine's keys)::
       encoder: {depth: resnet18, base_width: 16, feature_dim: 32, global_dim: 128}
       head_dim: 64             # heatmap head channels, root/presence MLP width
       crop_width_m: 0.3        # prior metric width of a crop at the hand's depth
+      input_size: null         # resize crops to this width first (e.g. 128: 4x cheaper)
     loss:                      # weights of keypoint_loss (defaults shown)
       w_2d: 3.0
       w_rel_depth: 10.0
       w_root_depth: 5.0
       w_presence: 0.2
+
+Training crops get the photometric jitter of ``data.augment`` (colour, noise).
 
 Validation: ``mpjpe_mm`` (each hand aligned at joint 9, present hands; the paper protocol),
 ``mpjpe_abs_mm`` (camera frame), ``px_2d`` (mean 2D error, pixels), ``root_depth_mm`` (wrist
@@ -18,6 +21,9 @@ depth error) and ``presence_acc``. Joint metrics are NaN for a batch without any
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +38,7 @@ from im2hands_model.networks.keypoint_pred import (
     joint_error_mm,
     keypoint_loss,
 )
+from im2hands_model.training.augment import augment_options, photometric
 from im2hands_model.training.checkpoint import unwrap
 
 GT_COLOUR = (40, 220, 60)
@@ -45,7 +52,28 @@ def build_keypoint_predictor(model_cfg: dict) -> KeypointPredictor:
         encoder=dict(model_cfg.get("encoder", {})),
         head_dim=int(model_cfg.get("head_dim", 64)),
         crop_width_m=float(model_cfg.get("crop_width_m", 0.3)),
+        input_size=model_cfg.get("input_size"),
     )
+
+
+def load_keypoint_predictor(path: str | os.PathLike) -> KeypointPredictor:
+    """A trained predictor from a ``kpts_pred`` checkpoint (read with ``weights_only=True``),
+    in eval mode with its parameters frozen."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"keypoint predictor checkpoint {path} not found: train the kpts_pred stage first "
+            "(python training/train.py --config training/configs/kpts_pred.yaml)"
+        )
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = ckpt.get("config") or {}
+    if cfg.get("stage") != "kpts_pred":
+        raise ValueError(f"{path} is a {cfg.get('stage')!r} checkpoint, not kpts_pred")
+    net = build_keypoint_predictor(cfg.get("model", {}))
+    net.load_state_dict(ckpt["model"])
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.eval()
 
 
 def skeleton_sheet(
@@ -128,6 +156,7 @@ class KptsPredStage:
         self.model_cfg = dict(cfg.get("model", {}) or {})
         loss_cfg = loss_options(cfg, DEFAULT_LOSS_WEIGHTS, self.name)
         self.weights = {k: float(v) for k, v in loss_cfg.items()}
+        self.augment = augment_options(cfg)
 
     def build_model(self, device: torch.device) -> nn.Module:
         return build_keypoint_predictor(self.model_cfg).to(device)
@@ -135,7 +164,8 @@ class KptsPredStage:
     def loss(
         self, model: nn.Module, batch: dict[str, Tensor], gen: torch.Generator
     ) -> tuple[Tensor, dict[str, float]]:
-        pred = model(batch["image"], batch["K"])
+        image = photometric(batch["image"], gen, *self.augment)
+        pred = model(image, batch["K"])
         return keypoint_loss(pred, batch, self.weights)
 
     @torch.no_grad()

@@ -1,7 +1,11 @@
 """Training stage ``kpts_ref``: the keypoint refinement network K (SPEC §3.4).
 
 Inputs are the GT keypoints corrupted by :func:`add_keypoint_noise` (per-joint Gaussian plus a
-per-hand global offset, drawn from the engine's generator); the target is the GT.
+per-hand global offset, drawn from the engine's generator); the target is the GT. With
+``init.kpts_pred_checkpoint`` set, the inputs are instead a trained (frozen) keypoint predictor's
+output on the crop, plus that noise in training: K then learns to correct the errors the
+predictor actually makes (the cascade the pipeline runs). The predictor is not part of K's
+checkpoint.
 
 Config (besides the engine's keys)::
 
@@ -20,9 +24,12 @@ Config (besides the engine's keys)::
       abs_weight: 0.5          # weight of the camera-frame error next to the root-relative one
       val_seed: 0              # validation noise: fixed per (val_seed, scene_index)
 
-Validation: ``mpjpe_in_mm`` (the noisy input) and ``mpjpe_mm`` (K's output), both aligned at
-joint 9 over present hands, and their camera-frame versions ``mpjpe_abs_in_mm`` and
-``mpjpe_abs_mm``. The noise is drawn per scene from a generator seeded with
+    init:
+      kpts_pred_checkpoint: null   # a kpts_pred run's best.pt: refine its predictions
+
+Validation: ``mpjpe_in_mm`` (the noisy input, or the predictor's output) and ``mpjpe_mm`` (K's
+output), both aligned at joint 9 over present hands, and their camera-frame versions
+``mpjpe_abs_in_mm`` and ``mpjpe_abs_mm``. The noise is drawn per scene from a generator seeded with
 ``(val_seed, scene_index)``, so validation is repeatable and independent of batching.
 """
 
@@ -35,12 +42,14 @@ from torch import Tensor, nn
 from im2hands_model.networks.backbone import project_points
 from im2hands_model.networks.keypoint_pred import joint_error_mm
 from im2hands_model.networks.keypoint_ref import KeypointRefiner, add_keypoint_noise, refine_loss
+from im2hands_model.training.augment import augment_options, photometric
 from im2hands_model.training.checkpoint import unwrap
 from im2hands_model.training.stages.kpts_pred import (
     GT_COLOUR,
     INPUT_COLOUR,
     PRED_COLOUR,
     joint_metrics,
+    load_keypoint_predictor,
     loss_options,
     skeleton_sheet,
 )
@@ -90,11 +99,20 @@ class KptsRefStage:
         self.global_mm = float(opts["global_mm"])
         self.abs_weight = float(opts["abs_weight"])
         self.val_seed = int(opts["val_seed"])
+        self.augment = augment_options(cfg)
+        self.predictor_path = (cfg.get("init") or {}).get("kpts_pred_checkpoint")
+        self.predictor: nn.Module | None = None
         if self.sigma_mm < 0 or self.global_mm < 0:
             raise ValueError("kpts_ref: sigma_mm and global_mm must be >= 0")
 
     def build_model(self, device: torch.device) -> nn.Module:
+        if self.predictor_path:
+            self.predictor = load_keypoint_predictor(self.predictor_path).to(device)
         return build_keypoint_refiner(self.model_cfg).to(device)
+
+    @torch.no_grad()
+    def _predicted(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.predictor(batch["image"], batch["K"]).joints.float()
 
     def _refine(self, model: nn.Module, batch: dict[str, Tensor], noisy: Tensor) -> Tensor:
         return model(noisy, batch["hand_present"], image=batch["image"], K=batch["K"])
@@ -103,7 +121,10 @@ class KptsRefStage:
         self, model: nn.Module, batch: dict[str, Tensor], gen: torch.Generator
     ) -> tuple[Tensor, dict[str, float]]:
         gt, present = batch["joints_3d"], batch["hand_present"]
-        noisy = add_keypoint_noise(gt, present, gen, self.sigma_mm, self.global_mm)
+        start = gt if self.predictor is None else self._predicted(batch)
+        noisy = add_keypoint_noise(start, present, gen, self.sigma_mm, self.global_mm)
+        if "image" in batch:
+            batch = {**batch, "image": photometric(batch["image"], gen, *self.augment)}
         refined = self._refine(model, batch, noisy)
         loss = refine_loss(refined, gt, present, self.abs_weight)
         with torch.no_grad():
@@ -115,6 +136,12 @@ class KptsRefStage:
                 "mpjpe_in_mm": float(joint_error_mm(noisy, gt)[mask].sum() / (n * 21)),
             }
         return loss, terms
+
+    def validation_input(self, batch: dict[str, Tensor]) -> Tensor:
+        """K's validation input: the predictor's output, else :meth:`validation_noise`."""
+        if self.predictor is not None:
+            return self._predicted(batch)
+        return self.validation_noise(batch)
 
     def validation_noise(self, batch: dict[str, Tensor]) -> Tensor:
         """The batch's GT joints with the fixed validation noise (per scene, repeatable)."""
@@ -140,7 +167,7 @@ class KptsRefStage:
     def validate(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, float]:
         net = unwrap(model)
         gt, present = batch["joints_3d"], batch["hand_present"]
-        noisy = self.validation_noise(batch)
+        noisy = self.validation_input(batch)
         refined = self._refine(net, batch, noisy)
         before = joint_metrics(noisy, gt, present)
         after = joint_metrics(refined, gt, present)
@@ -157,7 +184,7 @@ class KptsRefStage:
         net = unwrap(model)
         n = min(4, batch["image"].shape[0])
         sub = {k: v[:n] for k, v in batch.items() if isinstance(v, Tensor)}
-        noisy = self.validation_noise(sub)
+        noisy = self.validation_input(sub)
         refined = self._refine(net, sub, noisy)
         present = sub["hand_present"]
         return skeleton_sheet(

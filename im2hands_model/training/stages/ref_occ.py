@@ -259,6 +259,7 @@ class RefOccStage:
     name = "ref_occ"
     best_metric = "iou"
     best_mode = "max"
+    frozen_prefixes = ("init.",)  # I is loaded from init.init_occ_checkpoint, never trained here
 
     def __init__(self, cfg: dict) -> None:
         self.cfg = cfg

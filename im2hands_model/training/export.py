@@ -1,0 +1,143 @@
+"""Package trained runs as the shipped weights (``python training/export_weights.py``).
+
+Each run's ``best.pt`` becomes ``<name>.safetensors`` in the weights folder, and
+``manifest.json`` records for every network: the stage, the run config (architecture and the
+data it saw), the training data seeds and scene counts (read from the datasets' reports), the
+steps of every round (a run warm-started from another lists both), its best validation metric,
+the file's size and SHA-256, and the date. ``--results`` adds the held-out test table
+(``training/evaluate.py``'s ``results.json``) to the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from im2hands_model.pretrained import MANIFEST, MODELS, STAGES, WEIGHTS_DIR, sha256
+from im2hands_model.training.checkpoint import export_safetensors, load_checkpoint
+
+
+def _dataset_info(folder: str) -> dict[str, Any]:
+    report = Path(folder) / "report.json"
+    info: dict[str, Any] = {"folder": str(folder)}
+    if report.is_file():
+        rep = json.loads(report.read_text())
+        info.update(seed=rep.get("seed"), scenes=rep.get("scenes"))
+    return info
+
+
+def _datasets(value: Any) -> list[dict[str, Any]]:
+    if not value:
+        return []
+    return [_dataset_info(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def _rounds(ckpt_path: Path) -> list[dict[str, Any]]:
+    """The training rounds behind a checkpoint: its own run, preceded by the run it was
+    warm-started from (``train.init_weights``), recursively."""
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = ckpt.get("config") or {}
+    best = ckpt.get("best") or {}
+    tc = cfg.get("train", {})
+    this = {
+        "run": str(ckpt_path.parent),
+        "steps": int(ckpt.get("step", 0)),
+        "minutes": round(float(ckpt.get("elapsed_s", 0.0)) / 60.0, 1),
+        "batch_size": tc.get("batch_size"),
+        "lr": tc.get("lr"),
+        "train_data": _datasets(cfg.get("data", {}).get("train")),
+        "val_data": _datasets(cfg.get("data", {}).get("val")),
+        "best_val": {best.get("metric", "metric"): best.get("value"), "step": best.get("step")},
+        "overrides": {k: v for k, v in cfg.get("loss", {}).items()},
+    }
+    parent = tc.get("init_weights")
+    if parent and Path(parent).suffix == ".pt" and Path(parent).is_file():
+        return [*_rounds(Path(parent)), this]
+    return [this]
+
+
+def export_run(name: str, ckpt_path: Path, out_dir: Path) -> dict[str, Any]:
+    """Write ``<name>.safetensors`` from a run checkpoint; returns its manifest entry."""
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = ckpt.get("config") or {}
+    stage = cfg.get("stage")
+    if stage != STAGES[name]:
+        raise ValueError(f"{ckpt_path} is a {stage!r} run; {name} needs a {STAGES[name]!r} run")
+    if name in ("halo", "init_occ"):
+        image = bool(cfg.get("model", {}).get("image_conditioning", True))
+        if image != (name == "init_occ"):
+            raise ValueError(f"{ckpt_path}: image_conditioning={image} does not fit {name}")
+    state = ckpt["model"]
+    if name == "ref_occ":  # I ships once, as init_occ
+        state = {k: v for k, v in state.items() if not k.startswith("init.")}
+    config = {"stage": stage, "model": cfg.get("model", {})}
+    if stage == "ref_occ":
+        config["init"] = {"init_occ_model": cfg.get("init", {}).get("init_occ_model")}
+    path = out_dir / f"{name}.safetensors"
+    export_safetensors(state, path, metadata={"name": name, "stage": stage})
+    rounds = _rounds(ckpt_path)
+    return {
+        "file": path.name,
+        "stage": stage,
+        "config": config,
+        "parameters": int(sum(v.numel() for v in state.values() if v.is_floating_point())),
+        "bytes": path.stat().st_size,
+        "sha256": sha256(path),
+        "training": {
+            "rounds": rounds,
+            "total_steps": sum(r["steps"] for r in rounds),
+            "total_minutes": round(sum(r["minutes"] for r in rounds), 1),
+        },
+    }
+
+
+def export(runs: dict[str, Path], out_dir: Path, results: Path | None, notes: str) -> dict:
+    """Export every run of ``runs`` (name -> best.pt) and write the manifest; returns it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models = {name: export_run(name, Path(p), out_dir) for name, p in runs.items()}
+    data: dict[str, Any] = {
+        "format": 1,
+        "date": _dt.date.today().isoformat(),
+        "torch": torch.__version__,
+        "notes": notes,
+        "models": models,
+    }
+    if results is not None:
+        data["test_results"] = json.loads(Path(results).read_text())
+    tmp = out_dir / f".{MANIFEST}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, out_dir / MANIFEST)
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="training/export_weights.py", description=__doc__.split("\n")[0]
+    )
+    for name in MODELS:
+        flag = f"--{name.replace('_', '-')}"
+        example = f"runs/default/{name}/best.pt"
+        p.add_argument(flag, type=Path, required=True, help=f"the {name} run (e.g. {example})")
+    p.add_argument("--out", type=Path, default=WEIGHTS_DIR, help=f"default: {WEIGHTS_DIR}")
+    p.add_argument("--results", type=Path, default=None,
+                   help="evaluate.py results.json to record in the manifest")  # fmt: skip
+    p.add_argument("--notes", default="", help="free text stored in the manifest")
+    args = p.parse_args(argv)
+    runs = {name: getattr(args, name) for name in MODELS}
+    try:
+        data = export(runs, args.out, args.results, args.notes)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    total = sum(m["bytes"] for m in data["models"].values())
+    for name, m in data["models"].items():
+        print(f"{name:10s} {m['bytes'] / 1e6:6.2f} MB  {m['training']['total_steps']:6d} steps")
+    print(f"total {total / 1e6:.1f} MB in {args.out}")
+    return 0

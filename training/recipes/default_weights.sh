@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# How the weights shipped in im2hands_model/weights/ were made (2-core CPU, no GPU).
+#
+#   bash training/recipes/default_weights.sh data      # datasets (seeds 100, 101, 200, 300)
+#   bash training/recipes/default_weights.sh bench     # round 1: the CPU benchmark runs
+#   bash training/recipes/default_weights.sh lane-a    # round 2: predictor, then K on its output
+#   bash training/recipes/default_weights.sh lane-b    # round 2: HALO, I, then R on the new I
+#   bash training/recipes/default_weights.sh evaluate  # docs/results.{md,json}, docs/results.png
+#   bash training/recipes/default_weights.sh package   # safetensors + manifest into the package
+#
+# lane-a and lane-b run side by side, one thread each. Round 2 warm-starts every occupancy and
+# K network from its round-1 run (train.init_weights) and trains on 5,000 scenes; the predictor
+# starts from scratch. Times are wall-clock limits; steps are what fits in them on this CPU.
+set -euo pipefail -f  # -f: the [a,b] dataset lists are not globs
+cd "$(dirname "$0")/../.."
+export OMP_NUM_THREADS=1 ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
+TRAIN="[out/bench/train,out/default/train_101]"
+VAL=out/bench/val
+TEST=out/default/test
+R2=runs/default
+
+step=${1:?usage: default_weights.sh data|bench|lane-a|lane-b|evaluate|package}
+case "$step" in
+data)
+  im2hands-data synth --n 2000 --seed 100 --out out/bench/train --workers 2
+  im2hands-data synth --n 64   --seed 200 --out out/bench/val   --workers 2
+  im2hands-data synth --n 3000 --seed 101 --out out/default/train_101 --workers 2
+  im2hands-data synth --n 500  --seed 300 --out out/default/test --workers 2
+  ;;
+bench)
+  # round 1 = the CPU benchmark of training/README.md (its exact commands are listed there)
+  sed -n '/^COMMON=/,/--out runs\/bench\/kref/p' training/README.md
+  echo "run the commands above (two at a time), then lane-a and lane-b" >&2
+  ;;
+lane-a)
+  # the keypoint predictor from scratch: 128-px encoder input, photometric augmentation
+  python training/train.py --config training/configs/kpts_pred.yaml --out $R2/kpts_pred \
+    --set "data.train=$TRAIN" data.val=$VAL data.num_workers=1 train.device=cpu \
+    model.input_size=128 data.augment.colour=0.3 data.augment.noise=0.02 \
+    train.batch_size=16 train.lr=1.0e-3 train.max_steps=6000 train.time_limit_min=35 \
+    train.scheduler.warmup_steps=300 train.val_every=500 train.val_batches=4
+  # K on the predictor's own output (+3 mm joint / 3 mm hand noise), warm-started
+  python training/train.py --config training/configs/kpts_ref.yaml --out $R2/kpts_ref \
+    --set "data.train=$TRAIN" data.val=$VAL data.num_workers=1 train.device=cpu \
+    train.init_weights=runs/bench/kref/best.pt init.kpts_pred_checkpoint=$R2/kpts_pred/best.pt \
+    loss.sigma_mm=3.0 loss.global_mm=3.0 data.augment.colour=0.3 data.augment.noise=0.02 \
+    train.batch_size=8 train.lr=3.0e-4 train.max_steps=1800 train.time_limit_min=15 \
+    train.scheduler.warmup_steps=50 train.val_every=300 train.val_batches=4
+  ;;
+lane-b)
+  COMMON="data.train=$TRAIN data.val=$VAL data.points_per_hand=512 data.num_workers=1 \
+    train.device=cpu train.scheduler.warmup_steps=50 train.val_every=250 train.val_batches=2"
+  python training/train.py --config training/configs/init_occ.yaml --out $R2/halo \
+    --set $COMMON model.image_conditioning=false train.init_weights=runs/bench/halo/best.pt \
+    train.batch_size=8 train.lr=5.0e-4 train.max_steps=1200 train.time_limit_min=10
+  python training/train.py --config training/configs/init_occ.yaml --out $R2/i \
+    --set $COMMON train.init_weights=runs/bench/i/best.pt \
+    train.batch_size=8 train.lr=5.0e-4 train.max_steps=1150 train.time_limit_min=15
+  # R on the new I; a penetration weight that matters (round 1: 0.001, loss ~5e-7)
+  python training/train.py --config training/configs/ref_occ.yaml --out $R2/r \
+    --set $COMMON init.init_occ_checkpoint=$R2/i/best.pt train.init_weights=runs/bench/r/best.pt \
+    model.anchor_candidates=4096 loss.penetration_weight=0.05 train.val_every=100 \
+    train.batch_size=4 train.lr=3.0e-4 train.max_steps=400 train.time_limit_min=25
+  ;;
+*)
+  echo "unknown step $step" >&2; exit 2 ;;
+esac
