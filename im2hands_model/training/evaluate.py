@@ -1,19 +1,27 @@
-"""The paper-style accuracy table of trained checkpoints (``python training/evaluate.py``).
+"""The paper-style accuracy table of trained networks (``python training/evaluate.py``).
 
 For each held-out scene and each variant, both hands are meshed with the reference mesher (MISE +
 marching cubes, :mod:`im2hands_model.meshing`) and scored by the paper protocol
 (:mod:`im2hands_model.evaluation`): IoU on uniform points of each hand's box, Chamfer-L1 and MPJPE
-aligned at joint 9, and the penetration volume between the two hands. Variants:
+aligned at joint 9, the penetration volume between the two hands and their contact area.
 
-``HALO``                    keypoint-only I (``init_occ`` with image_conditioning off), GT keypoints
-``I``                       image-conditioned I, GT keypoints
-``I+R``                     a ``ref_occ`` checkpoint: I, then R (anchors sampled on I's mesh)
-``<occ> on noisy kpts``     I (else the first occupancy variant) given GT keypoints + noise
-``<occ> on noisy kpts + K`` the same after K (a ``kpts_ref`` checkpoint) refined the noisy keypoints
+Networks come from training checkpoints (``--checkpoint``, repeatable) and/or the weights shipped
+with the package (``--pretrained``). Rows: every occupancy network (``HALO`` = keypoint-only I,
+``I``, ``I+R``) conditioned on every keypoint source:
+
+``<occ>``                    ground-truth keypoints
+``<occ> on pred. kpts``      the keypoint predictor's output (a ``kpts_pred`` network)
+``<occ> on pred. kpts + K``  that output refined by K (a ``kpts_ref`` network)
+``I on noisy kpts [+ K]``    without a predictor but with K: GT + K's validation noise, I only
+
+plus ``GT meshes`` (the ground truth's own penetration and contact area, for reference). Hand
+presence is the ground truth's in every row. I+R samples R's anchors on I's mesh of the same
+keypoints (meshed once per scene and source).
 
 Outputs in ``--out``: ``results.json`` (``{"variants": {name: {"iou", "chamfer_mm", "mpjpe_mm",
-"penetration_cm3", ...}}, "settings": ...}``), ``results.md`` (the table) and
-``comparison.png`` (input, GT and every variant for a few scenes).
+"penetration_cm3", "contact_cm2", ...}}, "settings": ...}``), ``results.md`` (the table) and
+``comparison.png`` (input, GT and every variant for a few scenes). ``--jobs N`` shares the
+scenes among N processes; every scene's random draws depend only on ``--seed`` and its index.
 """
 
 from __future__ import annotations
@@ -90,6 +98,22 @@ def load_run(path: str | Path, device: torch.device) -> tuple[str, dict, nn.Modu
     if stage in ("init_occ", "ref_occ"):
         inner.skip_distance = SKIP_DISTANCE_M
     return stage, cfg, model.to(device).eval()
+
+
+def load_shipped(weights_dir: str | Path | None, device: torch.device) -> list:
+    """Every shipped network (:mod:`im2hands_model.pretrained`) as ``(stage, config, model)``."""
+    from im2hands_model.pretrained import MODELS, load_pretrained, manifest
+
+    entries = manifest(weights_dir)["models"]
+    runs = []
+    for name in MODELS:
+        if name not in entries:
+            continue
+        model = load_pretrained(name, "cpu", weights_dir)
+        if name in ("halo", "init_occ", "ref_occ"):
+            (model.init if name == "ref_occ" else model).skip_distance = SKIP_DISTANCE_M
+        runs.append((entries[name]["stage"], entries[name]["config"], model.to(device).eval()))
+    return runs
 
 
 def _init_occupancy(net: nn.Module) -> Callable:
@@ -237,6 +261,8 @@ def build_variants(
 def _load_models(args: argparse.Namespace, device: torch.device):
     """(variants, keypoint sources) from the checkpoints in ``args``."""
     runs = [load_run(p, device) for p in args.checkpoint]
+    if args.pretrained is not None:
+        runs = load_shipped(args.pretrained or None, device) + runs
     noise_stage = predictor = refiner = None
     for stage, cfg, model in runs:
         if stage == "kpts_ref":
@@ -365,6 +391,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "data": str(args.data),
         "scenes": n,
         "checkpoints": [str(p) for p in args.checkpoint],
+        "pretrained": None if args.pretrained is None else (args.pretrained or "shipped"),
         "resolution": args.resolution,
         "upsampling_steps": args.upsampling_steps,
         "effective_resolution": args.resolution * 2**args.upsampling_steps,
@@ -385,14 +412,23 @@ def evaluate(args: argparse.Namespace) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="training/evaluate.py",
-        description="Paper-style table (IoU %, Chamfer-L1 mm, MPJPE mm, penetration cm^3) of "
-        "trained checkpoints on a held-out dataset.",
+        description="Paper-style table (IoU %, Chamfer-L1 mm, MPJPE mm, penetration cm^3, "
+        "contact cm^2) of trained networks on a held-out dataset.",
     )
     p.add_argument(
         "--checkpoint",
         action="append",
-        required=True,
-        help="a training checkpoint (init_occ / ref_occ / kpts_ref); repeat for more",
+        default=[],
+        help="a training checkpoint (kpts_pred / kpts_ref / init_occ / ref_occ); repeat for more",
+    )
+    p.add_argument(
+        "--pretrained",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DIR",
+        help="evaluate the weights shipped with the package (or those in DIR, written by "
+        "training/export_weights.py)",
     )
     p.add_argument("--data", required=True, help="held-out dataset folder (im2hands-data synth)")
     p.add_argument("--out", default="results", help="output folder (default: results)")
@@ -423,6 +459,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if not args.checkpoint and args.pretrained is None:
+        p.error("give --pretrained or at least one --checkpoint")
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
     if args.scenes is not None and args.scenes <= 0:

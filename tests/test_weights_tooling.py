@@ -1,0 +1,281 @@
+"""The tooling behind the shipped weights, on tiny real runs: warm starts, dataset lists,
+augmentation, K trained on a predictor's output, evaluation with predicted keypoints, and the
+export -> manifest -> load_pretrained round trip."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_training_stages import _cfg
+
+from im2hands_model.training.augment import photometric
+from im2hands_model.training.config import ConfigError
+from im2hands_model.training.data import build_dataset
+from im2hands_model.training.engine import train
+
+ROOT = Path(__file__).resolve().parents[1]
+OCC = ["data.points_per_hand=128", "model.hidden=16"]
+REFINE = [
+    "data.points_per_hand=128",
+    "model.refine={dim: 16, num_anchors: 32, latent_dim: 16, hidden: 16}",
+    "model.anchor_candidates=128",
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dataset_dir, tmp_path_factory) -> dict[str, Path]:
+    """One tiny run of every shipped network (K trained on the predictor's output)."""
+    root = tmp_path_factory.mktemp("runs")
+    d = tiny_dataset_dir
+    out = {name: root / name for name in ("kpts_pred", "kpts_ref", "halo", "init_occ", "ref_occ")}
+    train(_cfg("kpts_pred", d, out["kpts_pred"], 6, ["model.input_size=64"]))
+    pred = out["kpts_pred"] / "best.pt"
+    train(
+        _cfg(
+            "kpts_ref",
+            d,
+            out["kpts_ref"],
+            4,
+            [f"init.kpts_pred_checkpoint={pred}", "loss.sigma_mm=2", "loss.global_mm=2"],
+        )
+    )
+    train(_cfg("init_occ", d, out["halo"], 4, [*OCC, "model.image_conditioning=false"]))
+    train(_cfg("init_occ", d, out["init_occ"], 4, OCC))
+    train(
+        _cfg(
+            "ref_occ",
+            d,
+            out["ref_occ"],
+            3,
+            [*REFINE, f"init.init_occ_checkpoint={out['init_occ'] / 'best.pt'}"],
+        )
+    )
+    return out
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_warm_start_takes_the_weights_and_starts_a_fresh_schedule(runs, tiny_dataset_dir, tmp_path):
+    src = runs["kpts_pred"] / "best.pt"
+    out = tmp_path / "warm"
+    result = train(
+        _cfg(
+            "kpts_pred",
+            tiny_dataset_dir,
+            out,
+            1,
+            ["model.input_size=64", f"train.init_weights={src}", "train.lr=1.0e-12"],
+        )
+    )
+    assert result["step"] == 1  # a new run: its own step count, not the source's
+    a, b = _state(src), _state(out / "last.pt")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), "weights not carried over"
+
+
+def test_warm_start_of_r_keeps_the_new_i(runs, tiny_dataset_dir, tmp_path):
+    """R warm-started from a run on another I: R's weights carried, I's the newly given ones."""
+    other_i = tmp_path / "other_i"
+    train(_cfg("init_occ", tiny_dataset_dir, other_i, 2, [*OCC, "seed=5"]))
+    out = tmp_path / "r2"
+    train(
+        _cfg(
+            "ref_occ",
+            tiny_dataset_dir,
+            out,
+            1,
+            [
+                *REFINE,
+                f"init.init_occ_checkpoint={other_i / 'best.pt'}",
+                f"train.init_weights={runs['ref_occ'] / 'best.pt'}",
+                "train.lr=1.0e-12",
+            ],
+        )
+    )
+    new, old, new_i = (
+        _state(out / "last.pt"),
+        _state(runs["ref_occ"] / "best.pt"),
+        _state(other_i / "best.pt"),
+    )
+    for k, v in new.items():
+        if k.startswith("init."):
+            assert torch.equal(v, new_i[k[len("init.") :]]), k
+        else:
+            assert torch.allclose(v, old[k], atol=1e-6), k
+
+
+def test_warm_start_from_another_stage_is_refused(runs, tiny_dataset_dir, tmp_path):
+    with pytest.raises(ConfigError, match="does not fit stage 'kpts_pred'"):
+        train(
+            _cfg(
+                "kpts_pred",
+                tiny_dataset_dir,
+                tmp_path / "x",
+                1,
+                [f"train.init_weights={runs['halo'] / 'best.pt'}"],
+            )
+        )
+    with pytest.raises(ConfigError, match="init_weights"):
+        train(
+            _cfg(
+                "kpts_pred",
+                tiny_dataset_dir,
+                tmp_path / "y",
+                1,
+                [f"train.init_weights={tmp_path / 'missing.pt'}"],
+            )
+        )
+
+
+def test_a_list_of_dataset_folders_reads_as_one(tiny_dataset_dir):
+    one = build_dataset(_cfg("init_occ", tiny_dataset_dir, Path("unused"), 1, []), "train")
+    cfg = _cfg(
+        "init_occ",
+        tiny_dataset_dir,
+        Path("unused"),
+        1,
+        [f"data.train=[{tiny_dataset_dir},{tiny_dataset_dir}]"],
+    )
+    both = build_dataset(cfg, "train")
+    assert len(both) == 2 * len(one)
+    assert torch.equal(both[len(one)]["joints_3d"], one[0]["joints_3d"])
+    with pytest.raises(ConfigError, match=r"data.train\[1\]"):
+        _cfg(
+            "init_occ",
+            tiny_dataset_dir,
+            Path("unused"),
+            1,
+            [f"data.train=[{tiny_dataset_dir},/nonexistent/ds]"],
+        )
+
+
+def test_photometric_augmentation_is_repeatable_bounded_and_optional():
+    images = torch.rand(4, 3, 16, 16)
+    assert photometric(images, torch.Generator().manual_seed(0)) is images
+    a = photometric(images, torch.Generator().manual_seed(1), colour=0.3, noise=0.02)
+    b = photometric(images, torch.Generator().manual_seed(1), colour=0.3, noise=0.02)
+    c = photometric(images, torch.Generator().manual_seed(2), colour=0.3, noise=0.02)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= 0 and a.max() <= 1 and (a - images).abs().mean() > 0.005
+
+
+def test_k_on_the_predictor_sees_the_predictor_output(runs):
+    """K's validation input is the frozen predictor's output: its input error equals the
+    predictor's own validation error on the same batches."""
+    pred = json.loads((runs["kpts_pred"] / "val_log.jsonl").read_text().splitlines()[-1])
+    kref = json.loads((runs["kpts_ref"] / "val_log.jsonl").read_text().splitlines()[-1])
+    ckpt_pred = torch.load(runs["kpts_pred"] / "best.pt", weights_only=True)
+    assert ckpt_pred["step"] == pred["step"]
+    assert kref["metrics"]["mpjpe_in_mm"] == pytest.approx(pred["metrics"]["mpjpe_mm"], rel=1e-5)
+    k_state = _state(runs["kpts_ref"] / "best.pt")
+    assert not any(k.startswith("predictor") for k in k_state), "predictor saved inside K"
+
+
+def _evaluate(out: Path, data: Path, extra: list[str]) -> dict:
+    cmd = [
+        sys.executable,
+        str(ROOT / "training" / "evaluate.py"),
+        "--data",
+        str(data),
+        "--scenes",
+        "3",
+        "--resolution",
+        "12",
+        "--upsampling-steps",
+        "1",
+        "--n-iou",
+        "2000",
+        "--n-chamfer",
+        "1000",
+        "--pictures",
+        "1",
+        "--quiet",
+        "--out",
+        str(out),
+        *extra,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+def test_evaluate_with_predicted_keypoints_and_parallel_jobs(runs, tiny_dataset_dir, tmp_path):
+    ckpts = []
+    for name in ("kpts_pred", "kpts_ref", "halo", "init_occ", "ref_occ"):
+        ckpts += ["--checkpoint", str(runs[name] / "best.pt")]
+    one = _evaluate(tmp_path / "one", tiny_dataset_dir, ckpts)
+    two = _evaluate(tmp_path / "two", tiny_dataset_dir, [*ckpts, "--jobs", "2"])
+    names = list(one["variants"])
+    assert names == [
+        "HALO",
+        "I",
+        "I+R",
+        "HALO on pred. kpts",
+        "I on pred. kpts",
+        "I+R on pred. kpts",
+        "HALO on pred. kpts + K",
+        "I on pred. kpts + K",
+        "I+R on pred. kpts + K",
+        "GT meshes",
+    ], names
+    assert one["variants"] == two["variants"], "results depend on --jobs"
+    rows = one["variants"]
+    assert rows["I"]["mpjpe_mm"] == 0.0 and rows["I on pred. kpts"]["mpjpe_mm"] > 1.0
+    assert rows["GT meshes"]["contact_cm2"] is not None and rows["GT meshes"]["iou"] is None
+    for name in names[:-1]:
+        assert rows[name]["contact_cm2"] is not None and rows[name]["contact_cm2"] >= 0, name
+    assert "Contact (cm²)" in (tmp_path / "one" / "results.md").read_text()
+
+
+def test_export_manifest_and_load_pretrained_round_trip(runs, tiny_dataset_dir, tmp_path):
+    from im2hands_model.pretrained import WeightsError, load_pretrained, manifest
+    from im2hands_model.training.export import main as export_main
+
+    weights = tmp_path / "weights"
+    args = []
+    for name, run in runs.items():
+        args += [f"--{name.replace('_', '-')}", str(run / "best.pt")]
+    assert export_main([*args, "--out", str(weights)]) == 0
+    man = manifest(weights)
+    assert set(man["models"]) == set(runs)
+    seed = json.loads((tiny_dataset_dir / "report.json").read_text())["seed"]
+    for name, entry in man["models"].items():
+        rounds = entry["training"]["rounds"]
+        assert rounds[-1]["train_data"][0]["seed"] == seed, name
+        assert entry["training"]["total_steps"] == rounds[-1]["steps"] > 0
+        net = load_pretrained(name, weights_dir=weights)
+        state = _state(runs[name] / "best.pt")
+        for k, v in net.state_dict().items():
+            if name == "ref_occ" and k.startswith("init."):
+                v_ref = _state(runs["init_occ"] / "best.pt")[k[len("init.") :]]
+            else:
+                v_ref = state[k]
+            assert torch.equal(v, v_ref), (name, k)
+        assert not net.training
+    r_keys = load_file(str(weights / "ref_occ.safetensors"))
+    assert r_keys and not any(k.startswith("init.") for k in r_keys), "I shipped twice"
+
+    # the evaluation of exported weights equals that of the checkpoints
+    from_ckpts = _evaluate(
+        tmp_path / "ckpt",
+        tiny_dataset_dir,
+        [a for n in runs for a in ("--checkpoint", str(runs[n] / "best.pt"))],
+    )
+    shipped = _evaluate(tmp_path / "shipped", tiny_dataset_dir, ["--pretrained", str(weights)])
+    assert shipped["variants"] == from_ckpts["variants"]
+
+    # a damaged file is named, not loaded
+    blob = bytearray((weights / "halo.safetensors").read_bytes())
+    blob[-10] ^= 0xFF
+    (weights / "halo.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(WeightsError, match="halo.safetensors"):
+        load_pretrained("halo", weights_dir=weights)
+    with pytest.raises(ValueError, match="unknown network"):
+        load_pretrained("nope", weights_dir=weights)
+    with pytest.raises(WeightsError, match="manifest"):
+        load_pretrained("halo", weights_dir=tmp_path / "empty")
