@@ -237,6 +237,10 @@ class MetricTable:
             self._n_scenes[variant] = 0
         return self._values[variant]
 
+    def add_variant(self, variant: str) -> None:
+        """Reserve a row (rows keep the order they were first added in)."""
+        self._variant(variant)
+
     @property
     def variants(self) -> list[str]:
         return list(self._values)

@@ -61,6 +61,9 @@ SKIP_DISTANCE_M = 0.045
 THRESHOLD_I = 0.5
 THRESHOLD_R = 0.45
 
+#: Layouts where the hands touch or interlock (the second table of results.md).
+INTERACTING_LAYOUTS = ("clasped", "crossed", "touching")
+
 
 @dataclass
 class Variant:
@@ -301,7 +304,7 @@ def _scene_records(args: argparse.Namespace, indices: list[int]) -> list[dict]:
         gt_meshes = [
             Mesh(item["vertices"][h].numpy(), faces[h]) if present[h] else None for h in range(2)
         ]
-        rec: dict = {"index": i, "hands": [], "scenes": []}
+        rec: dict = {"index": i, "layout": int(item["layout"]), "hands": [], "scenes": []}
         if both:
             rec["scenes"].append(("GT meshes", scene_penetration_cm3(gt_meshes),
                                   scene_contact_cm2(gt_meshes)))  # fmt: skip
@@ -327,12 +330,47 @@ def _scene_records(args: argparse.Namespace, indices: list[int]) -> list[dict]:
             if both:
                 rec["scenes"].append((v.name, scene_penetration_cm3(meshes),
                                       scene_contact_cm2(meshes)))  # fmt: skip
-        if i < args.pictures:
+        if i in args.picture_scenes:
             image = (item["image"].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-            rows = {v.name: meshed[(v.model, v.source)] for v in variants}
+            shown = [
+                v for v in variants if not args.picture_variants or v.name in args.picture_variants
+            ]
+            rows = {v.name: meshed[(v.model, v.source)] for v in shown}
             rec["picture"] = (image, gt_meshes, rows, item["K"].numpy())
         records.append(rec)
     return records
+
+
+def _table(variants: list[Variant], records: list[dict]) -> MetricTable:
+    table = MetricTable()
+    for v in variants:  # rows in variant order, whatever order the scenes finished in
+        table.add_variant(v.name)
+    for rec in records:
+        for name, m in rec["hands"]:
+            table.add_hand(name, m)
+        for name, pen, contact in rec["scenes"]:
+            table.add_scene(name, pen, contact)
+    return table
+
+
+def picture_scenes(data: str | Path, n: int, count: int, layouts: list[str] | None) -> set[int]:
+    """The first ``count`` scenes among the first ``n`` (of the given layouts, if any)."""
+    if not layouts:
+        return set(range(min(count, n)))
+    from im2hands_model.data.layouts import LAYOUTS
+
+    bad = set(layouts) - set(LAYOUTS)
+    if bad:
+        raise ValueError(f"--picture-layouts: unknown {sorted(bad)}; choose from {LAYOUTS}")
+    wanted = {LAYOUTS.index(name) for name in layouts}
+    ds = ShardDataset(data, keys=["layout"])
+    chosen: list[int] = []
+    for i in range(n):
+        if len(chosen) == count:
+            break
+        if int(ds[i]["layout"]) in wanted:
+            chosen.append(i)
+    return set(chosen)
 
 
 def _worker(payload: tuple[argparse.Namespace, list[int], int]) -> list[dict]:
@@ -349,6 +387,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     n = n_data if args.scenes is None else min(args.scenes, n_data)
     from tqdm import tqdm
 
+    args.picture_scenes = picture_scenes(args.data, n, args.pictures, args.picture_layouts)
+    unknown = set(args.picture_variants or []) - {v.name for v in variants}
+    if unknown:
+        raise ValueError(f"--picture-variants: no variant {sorted(unknown)}")
     t0 = time.perf_counter()
     bar = tqdm(total=n, desc="evaluate", unit="scene", disable=args.quiet)
     records: list[dict] = []
@@ -370,15 +412,14 @@ def evaluate(args: argparse.Namespace) -> dict:
     bar.close()
     seconds = time.perf_counter() - t0
 
-    table = MetricTable()
-    for v in variants:  # rows in variant order, whatever order the scenes finished in
-        table._variant(v.name)
+    from im2hands_model.data.layouts import LAYOUTS
+
+    records.sort(key=lambda r: r["index"])
+    interacting = {LAYOUTS.index(name) for name in INTERACTING_LAYOUTS}
+    table = _table(variants, records)
+    close = _table(variants, [r for r in records if r["layout"] in interacting])
     picture_rows, picture_K = [], []
-    for rec in sorted(records, key=lambda r: r["index"]):
-        for name, m in rec["hands"]:
-            table.add_hand(name, m)
-        for name, pen, contact in rec["scenes"]:
-            table.add_scene(name, pen, contact)
+    for rec in records:
         if "picture" in rec:
             image, gt_meshes, rows, K = rec["picture"]
             picture_rows.append((image, gt_meshes, rows))
@@ -387,6 +428,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = table.summary()
+    summary["interacting"] = {
+        "layouts": list(INTERACTING_LAYOUTS),
+        **close.summary(),
+    }
     summary["settings"] = {
         "data": str(args.data),
         "scenes": n,
@@ -403,7 +448,10 @@ def evaluate(args: argparse.Namespace) -> dict:
         "seconds": round(seconds, 1),
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(table.to_markdown() + "\n")
+    (out / "results.md").write_text(
+        f"All {n} scenes:\n\n{table.to_markdown()}\n\nInteracting scenes only "
+        f"({', '.join(INTERACTING_LAYOUTS)}):\n\n{close.to_markdown()}\n"
+    )
     if picture_rows:
         Image.fromarray(comparison_picture(picture_rows, picture_K)).save(out / "comparison.png")
     return summary
@@ -449,6 +497,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="per-joint noise for the K variants (default: the kpts_ref config's)",
     )
     p.add_argument("--pictures", type=int, default=4, help="scenes in comparison.png")
+    p.add_argument(
+        "--picture-layouts",
+        type=lambda t: t.split(","),
+        default=None,
+        metavar="L1,L2",
+        help="only scenes of these layouts in the picture "
+        "(e.g. clasped,crossed,touching: the interacting ones)",
+    )
+    p.add_argument(
+        "--picture-variants",
+        type=lambda t: t.split(","),
+        default=None,
+        metavar="V1,V2",
+        help="only these rows in the picture (default: all)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--jobs",
