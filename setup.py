@@ -59,6 +59,8 @@ setup(
         exclude=["tests", "tests.*", "*.tests", "*.tests.*"],
     ),
     include_package_data=True,
+    # the trained default weights (im2hands_model.pretrained) ship inside the package
+    package_data={"im2hands_model": ["weights/*.safetensors", "weights/manifest.json"]},
     zip_safe=False,
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE_NAME}"]),

@@ -398,9 +398,37 @@ def chamfer_terms_mm(
     pred_rng, gt_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     p = sample_surface_points(pv, pf, n_samples, pred_rng)
     g = sample_surface_points(gv, gf, n_samples, gt_rng)
-    accuracy = cKDTree(g).query(p, k=1)[0].mean()
-    completeness = cKDTree(p).query(g, k=1)[0].mean()
+    accuracy = _nearest_sample_distance(p, g, gv, gf).mean()
+    completeness = _nearest_sample_distance(g, p, pv, pf).mean()
     return float(accuracy * M_TO_MM), float(completeness * M_TO_MM)
+
+
+#: Beyond this distance the nearest-sample search is replaced by the distance to the surface.
+CHAMFER_EXACT_WITHIN_M = 0.005
+
+
+def _nearest_sample_distance(
+    queries: NDArray[np.float64],
+    samples: NDArray[np.float64],
+    vertices: NDArray[np.float64],
+    faces: NDArray[np.int64],
+) -> NDArray[np.float64]:
+    """Distance from each query to the nearest of ``samples`` (drawn on the mesh
+    ``vertices``/``faces``).
+
+    Exact (k-d tree) for queries within :data:`CHAMFER_EXACT_WITHIN_M` of a sample. A k-d tree
+    search from a query far from every sample visits most of the tree (measured: 100k queries
+    5 cm off a 100k-sample surface take 10 s against 0.3 s when near), which made evaluating
+    badly placed hands take minutes; for those queries the distance to the mesh surface (libigl
+    AABB tree) is used instead. It differs from the nearest-sample distance ``d`` by about
+    ``gap² / 2d`` (``gap`` = sample spacing, ~0.3 mm at 100k samples on a hand): under 0.01 mm.
+    """
+    d = cKDTree(samples).query(queries, k=1, distance_upper_bound=CHAMFER_EXACT_WITHIN_M)[0]
+    far = ~np.isfinite(d)
+    if far.any():
+        sq = igl.point_mesh_squared_distance(queries[far], vertices, faces)[0]
+        d[far] = np.sqrt(np.maximum(sq, 0.0))
+    return d
 
 
 def chamfer_l1_mm(
@@ -418,7 +446,8 @@ def chamfer_l1_mm(
 
     ``n_samples`` area-weighted surface points are drawn on each mesh (independent random streams
     derived from ``seed``), and the mean Euclidean distance to the nearest sample of the other
-    mesh is taken each way (``scipy.spatial.cKDTree``). Because the two sample sets are
+    mesh is taken each way (``scipy.spatial.cKDTree``; beyond 5 mm, the distance to the other
+    mesh's surface, within 0.01 mm of it: see :func:`_nearest_sample_distance`). Because the two sample sets are
     independent, identical meshes give a small positive floor (≈ 0.5 / sqrt(samples per m² of
     surface); about 0.3 mm for a hand-sized surface at 100k samples), as in the paper protocol.
 
