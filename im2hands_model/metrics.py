@@ -447,9 +447,10 @@ def chamfer_l1_mm(
     ``n_samples`` area-weighted surface points are drawn on each mesh (independent random streams
     derived from ``seed``), and the mean Euclidean distance to the nearest sample of the other
     mesh is taken each way (``scipy.spatial.cKDTree``; beyond 5 mm, the distance to the other
-    mesh's surface, within 0.01 mm of it: see :func:`_nearest_sample_distance`). Because the two sample sets are
-    independent, identical meshes give a small positive floor (≈ 0.5 / sqrt(samples per m² of
-    surface); about 0.3 mm for a hand-sized surface at 100k samples), as in the paper protocol.
+    mesh's surface, within 0.01 mm of it: see :func:`_nearest_sample_distance`). Because the two
+    sample sets are independent, identical meshes give a small positive floor (≈ 0.5 /
+    sqrt(samples per m² of surface); about 0.3 mm for a hand-sized surface at 100k samples), as in
+    the paper protocol.
 
     Args:
         pred_vertices: (V, 3) predicted mesh vertices in metres.
