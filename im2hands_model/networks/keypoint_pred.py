@@ -40,8 +40,9 @@ DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
     "w_root_depth": 5.0,
     "w_presence": 0.2,
     "w_heatmap": 0.1,
+    "heatmap_sigma": 1.0,
 }
-HEATMAP_SIGMA = 1.0  #: standard deviation of the heatmap targets, feature cells
+HEATMAP_SIGMA = 1.0  #: default standard deviation of the heatmap targets, feature cells
 
 
 @dataclass
@@ -242,7 +243,9 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return x.sum() / m.sum().clamp_min(1)
 
 
-def _heatmap_kl(pred: KeypointPrediction, gt2: Tensor, present: Tensor) -> Tensor:
+def _heatmap_kl(
+    pred: KeypointPrediction, gt2: Tensor, present: Tensor, sigma: float = HEATMAP_SIGMA
+) -> Tensor:
     """Mean KL(target || heatmap) over GT joints of present hands inside the crop."""
     logp = pred.heatmap_logp  # [B, 2, 21, h, w]
     h, w = logp.shape[-2:]
@@ -253,7 +256,7 @@ def _heatmap_kl(pred: KeypointPrediction, gt2: Tensor, present: Tensor) -> Tenso
     cv = torch.arange(h, device=logp.device, dtype=logp.dtype) + 0.5
     du = (cu - f[..., 0:1]) ** 2  # [B, 2, 21, w]
     dv = (cv - f[..., 1:2]) ** 2  # [B, 2, 21, h]
-    tlog = -(dv[..., :, None] + du[..., None, :]) / (2 * HEATMAP_SIGMA**2)
+    tlog = -(dv[..., :, None] + du[..., None, :]) / (2 * sigma**2)
     tlog = torch.log_softmax(tlog.flatten(-2), dim=-1)
     kl = (tlog.exp() * (tlog - logp.flatten(-2))).sum(-1)  # [B, 2, 21]
     mask = present[..., None] & inside
@@ -319,7 +322,7 @@ def keypoint_loss(
     lrel = _masked_mean((pred.rel_depth - gt_rel).abs(), present)
     lroot = _masked_mean((pred.root_depth - gt3[..., 0, 2]).abs(), present)
     lpres = F.binary_cross_entropy_with_logits(pred.presence_logit, batch["hand_present"].float())
-    lheat = _heatmap_kl(pred, gt2, present)
+    lheat = _heatmap_kl(pred, gt2, present, float(w["heatmap_sigma"]))
     loss = (
         w["w_2d"] * l2d
         + w["w_rel_depth"] * lrel
