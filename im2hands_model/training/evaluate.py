@@ -49,7 +49,7 @@ from im2hands_model.evaluation import (
     scene_penetration_cm3,
 )
 from im2hands_model.meshing import Mesh
-from im2hands_model.metrics import sample_surface_points
+from im2hands_model.metrics import joint_errors_mm, sample_surface_points
 from im2hands_model.networks.init_occ import EMPTY_LOGIT
 from im2hands_model.training.stages.occupancy_common import mesh_scene
 from im2hands_model.training.stages.ref_occ import own_points
@@ -287,12 +287,19 @@ def _load_models(args: argparse.Namespace, device: torch.device):
     return variants, kpts, noise_stage
 
 
+_LOADED: dict = {}  # the networks of this process (see _scene_records)
+
+
 def _scene_records(args: argparse.Namespace, indices: list[int]) -> list[dict]:
     """Evaluate the scenes ``indices``: per scene, every variant's hand and scene metrics (and
     the meshes of the first ``args.pictures`` scenes). Runs in the main process or a worker."""
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    variants, kpts, _ = _load_models(args, device)
+    key = (tuple(args.checkpoint), args.pretrained, args.device, args.resolution,
+           args.upsampling_steps, args.seed, args.noise_mm)  # fmt: skip
+    if _LOADED.get("key") != key:  # once per process, not per chunk of scenes
+        _LOADED.update(key=key, models=_load_models(args, device))
+    variants, kpts, _ = _LOADED["models"]
     data = ShardDataset(args.data)
     faces = data.faces.numpy()
     records = []
@@ -310,6 +317,11 @@ def _scene_records(args: argparse.Namespace, indices: list[int]) -> list[dict]:
             rec["scenes"].append(("GT meshes", scene_penetration_cm3(gt_meshes),
                                   scene_contact_cm2(gt_meshes)))  # fmt: skip
         kpts.reset()
+        rec["keypoints"] = _keypoint_errors(kpts, batch, present)
+        if i >= args.mesh_scenes:  # keypoint-only scene (see --keypoint-scenes)
+            rec["hands"], rec["scenes"] = [], []
+            records.append(rec)
+            continue
         meshed: dict[tuple[str, str], list] = {}
         for v in variants:
             with torch.no_grad():
@@ -374,6 +386,39 @@ def picture_scenes(data: str | Path, n: int, count: int, layouts: list[str] | No
     return set(chosen)
 
 
+def _keypoint_errors(kpts: KeypointSources, batch: dict[str, Tensor], present: Tensor) -> list:
+    """``(source, hand, MPJPE aligned at joint 9, camera-frame MPJPE)`` in mm for every
+    non-GT keypoint source and present hand."""
+    out = []
+    gt = batch["joints_3d"][0].double().cpu().numpy()
+    for source in kpts.available():
+        if source == "gt":
+            continue
+        joints = kpts(source, batch)[0].double().cpu().numpy()
+        for h in range(2):
+            if present[h]:
+                aligned = float(joint_errors_mm(joints[h], gt[h]).mean())
+                absolute = float(np.linalg.norm(joints[h] - gt[h], axis=-1).mean() * 1000.0)
+                out.append((source, h, aligned, absolute))
+    return out
+
+
+def keypoint_summary(records: list[dict]) -> dict[str, dict[str, float | int]]:
+    """Per keypoint source: mean MPJPE (aligned at joint 9 and camera frame) over all hands."""
+    acc: dict[str, list[tuple[float, float]]] = {}
+    for rec in records:
+        for source, _, aligned, absolute in rec.get("keypoints", []):
+            acc.setdefault(source, []).append((aligned, absolute))
+    return {
+        SOURCE_LABELS[src]: {
+            "mpjpe_mm": float(np.mean([a for a, _ in vals])),
+            "mpjpe_abs_mm": float(np.mean([b for _, b in vals])),
+            "n_hands": len(vals),
+        }
+        for src, vals in acc.items()
+    }
+
+
 def _worker(payload: tuple[argparse.Namespace, list[int], int]) -> list[dict]:
     args, indices, threads = payload
     torch.set_num_threads(threads)
@@ -385,10 +430,12 @@ def evaluate(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     variants, _, noise_stage = _load_models(args, device)  # fails early on bad checkpoints
     n_data = len(ShardDataset(args.data))
-    n = n_data if args.scenes is None else min(args.scenes, n_data)
+    n_mesh = n_data if args.scenes is None else min(args.scenes, n_data)
+    n = n_mesh if args.keypoint_scenes is None else max(n_mesh, min(args.keypoint_scenes, n_data))
+    args.mesh_scenes = n_mesh
     from tqdm import tqdm
 
-    args.picture_scenes = picture_scenes(args.data, n, args.pictures, args.picture_layouts)
+    args.picture_scenes = picture_scenes(args.data, n_mesh, args.pictures, args.picture_layouts)
     unknown = set(args.picture_variants or []) - {v.name for v in variants}
     if unknown:
         raise ValueError(f"--picture-variants: no variant {sorted(unknown)}")
@@ -419,6 +466,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     interacting = {LAYOUTS.index(name) for name in INTERACTING_LAYOUTS}
     table = _table(variants, records)
     close = _table(variants, [r for r in records if r["layout"] in interacting])
+    keypoints = keypoint_summary(records)
     picture_rows, picture_K = [], []
     for rec in records:
         if "picture" in rec:
@@ -433,9 +481,11 @@ def evaluate(args: argparse.Namespace) -> dict:
         "layouts": list(INTERACTING_LAYOUTS),
         **close.summary(),
     }
+    summary["keypoints"] = {"scenes": n, "sources": keypoints}
     summary["settings"] = {
         "data": str(args.data),
-        "scenes": n,
+        "scenes": n_mesh,
+        "keypoint_scenes": n,
         "checkpoints": [str(p) for p in args.checkpoint],
         "pretrained": None if args.pretrained is None else (args.pretrained or "shipped"),
         "resolution": args.resolution,
@@ -492,6 +542,18 @@ def results_markdown(summary: dict, table: MetricTable, close: MetricTable,
         close.to_markdown(),
         "",
     ]
+    kp = summary.get("keypoints", {})
+    if kp.get("sources"):
+        lines += [
+            f"## Keypoints ({kp['scenes']} scenes, no meshing)",
+            "",
+            "| Keypoints | MPJPE (mm, joint 9 aligned) | MPJPE (mm, camera frame) | Hands |",
+            "|---|---:|---:|---:|",
+        ]
+        for label, row in kp["sources"].items():
+            lines.append(f"| {label} | {row['mpjpe_mm']:.2f} | {row['mpjpe_abs_mm']:.2f} | "
+                         f"{row['n_hands']} |")  # fmt: skip
+        lines.append("")
     if picture:
         lines += [f"![input, ground truth and predictions]({picture})", ""]
     if notes:
@@ -523,6 +585,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="held-out dataset folder (im2hands-data synth)")
     p.add_argument("--out", default="results", help="output folder (default: results)")
     p.add_argument("--scenes", type=int, default=None, help="first N scenes (default: all)")
+    p.add_argument(
+        "--keypoint-scenes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also score the keypoint sources (no meshing: fast) on the first N "
+        "scenes (default: the --scenes ones)",
+    )
     p.add_argument("--resolution", type=int, default=32, help="MISE coarse grid (default 32)")
     p.add_argument(
         "--upsampling-steps",
