@@ -40,7 +40,12 @@ def runs(tiny_dataset_dir, tmp_path_factory) -> dict[str, Path]:
             d,
             out["kpts_ref"],
             4,
-            [f"init.kpts_pred_checkpoint={pred}", "loss.sigma_mm=2", "loss.global_mm=2"],
+            [
+                f"init.kpts_pred_checkpoint={pred}",
+                "loss.sigma_mm=2",
+                "loss.global_mm=2",
+                "loss.predictor_fraction=0.5",
+            ],
         )
     )
     train(_cfg("init_occ", d, out["halo"], 4, [*OCC, "model.image_conditioning=false"]))
@@ -208,8 +213,14 @@ def test_evaluate_with_predicted_keypoints_and_parallel_jobs(runs, tiny_dataset_
     ckpts = []
     for name in ("kpts_pred", "kpts_ref", "halo", "init_occ", "ref_occ"):
         ckpts += ["--checkpoint", str(runs[name] / "best.pt")]
+    ckpts += ["--keypoint-scenes", "6"]
     one = _evaluate(tmp_path / "one", tiny_dataset_dir, ckpts)
     two = _evaluate(tmp_path / "two", tiny_dataset_dir, [*ckpts, "--jobs", "2"])
+    assert one["keypoints"] == two["keypoints"]
+    kp = one["keypoints"]
+    assert kp["scenes"] == 6 and set(kp["sources"]) == {"pred. kpts", "pred. kpts + K"}
+    assert kp["sources"]["pred. kpts"]["mpjpe_mm"] > 1.0
+    assert kp["sources"]["pred. kpts"]["n_hands"] >= one["variants"]["I"]["n_hands"]
     names = list(one["variants"])
     assert names == [
         "HALO",

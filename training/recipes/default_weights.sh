@@ -19,7 +19,49 @@ VAL=out/bench/val
 TEST=out/default/test
 R2=runs/default
 
-step=${1:?usage: default_weights.sh data|bench|lane-a|lane-b|evaluate|package}
+step=${1:?usage: default_weights.sh data|bench|kpts-pred|kpts-ref|halo|i|r|lane-a|lane-b|evaluate|package}
+COMMON="data.train=$TRAIN data.val=$VAL data.points_per_hand=512 data.num_workers=1 \
+  train.device=cpu train.scheduler.warmup_steps=50 train.val_every=250 train.val_batches=2"
+
+kpts_pred() {
+  # the keypoint predictor from scratch: 128-px encoder input, photometric augmentation, and
+  # a heatmap term 10x the stage default (at 0.1 the soft-argmax joints collapsed to the
+  # crop centre for the first 1,500 steps: 58 px mean 2D error, measured)
+  python training/train.py --config training/configs/kpts_pred.yaml --out $R2/kpts_pred \
+    --set "data.train=$TRAIN" data.val=$VAL data.num_workers=1 train.device=cpu \
+    model.input_size=128 data.augment.colour=0.3 data.augment.noise=0.02 loss.w_heatmap=1.0 \
+    train.batch_size=16 train.lr=5.0e-4 train.max_steps=6000 train.time_limit_min=30 \
+    train.scheduler.warmup_steps=300 train.val_every=500 train.val_batches=4
+}
+kpts_ref() {
+  # K, warm-started: half of the scenes start from the predictor's output, half from GT, both
+  # with 6 mm per joint + 8 mm per hand of noise (validation: the predictor's output)
+  python training/train.py --config training/configs/kpts_ref.yaml --out $R2/kpts_ref \
+    --set "data.train=$TRAIN" data.val=$VAL data.num_workers=1 train.device=cpu \
+    train.init_weights=runs/bench/kref/best.pt init.kpts_pred_checkpoint=$R2/kpts_pred/best.pt \
+    loss.predictor_fraction=0.5 loss.sigma_mm=6.0 loss.global_mm=8.0 \
+    data.augment.colour=0.3 data.augment.noise=0.02 \
+    train.batch_size=8 train.lr=3.0e-4 train.max_steps=1800 train.time_limit_min=15 \
+    train.scheduler.warmup_steps=50 train.val_every=300 train.val_batches=4
+}
+halo() {
+  python training/train.py --config training/configs/init_occ.yaml --out $R2/halo \
+    --set $COMMON model.image_conditioning=false train.init_weights=runs/bench/halo/best.pt \
+    train.batch_size=8 train.lr=5.0e-4 train.max_steps=1200 train.time_limit_min=10
+}
+init_occ() {
+  python training/train.py --config training/configs/init_occ.yaml --out $R2/i \
+    --set $COMMON train.init_weights=runs/bench/i/best.pt \
+    train.batch_size=8 train.lr=5.0e-4 train.max_steps=1150 train.time_limit_min=15
+}
+ref_occ() {
+  # R on the new I; a penetration weight that matters (round 1: 0.001, loss ~5e-7)
+  python training/train.py --config training/configs/ref_occ.yaml --out $R2/r \
+    --set $COMMON init.init_occ_checkpoint=$R2/i/best.pt train.init_weights=runs/bench/r/best.pt \
+    model.anchor_candidates=4096 loss.penetration_weight=0.05 train.val_every=100 \
+    train.batch_size=4 train.lr=3.0e-4 train.max_steps=400 train.time_limit_min=25
+}
+
 case "$step" in
 data)
   im2hands-data synth --n 2000 --seed 100 --out out/bench/train --workers 2
@@ -32,38 +74,32 @@ bench)
   sed -n '/^COMMON=/,/--out runs\/bench\/kref/p' training/README.md
   echo "run the commands above (two at a time), then lane-a and lane-b" >&2
   ;;
-lane-a)
-  # the keypoint predictor from scratch: 128-px encoder input, photometric augmentation, and
-  # a heatmap term 10x the stage default (at 0.1 the soft-argmax joints collapsed to the
-  # crop centre for the first 1,500 steps: 58 px mean 2D error, measured)
-  python training/train.py --config training/configs/kpts_pred.yaml --out $R2/kpts_pred \
-    --set "data.train=$TRAIN" data.val=$VAL data.num_workers=1 train.device=cpu \
-    model.input_size=128 data.augment.colour=0.3 data.augment.noise=0.02 loss.w_heatmap=1.0 \
-    train.batch_size=16 train.lr=5.0e-4 train.max_steps=6000 train.time_limit_min=30 \
-    train.scheduler.warmup_steps=300 train.val_every=500 train.val_batches=4
-  # K on the predictor's own output (+3 mm joint / 3 mm hand noise), warm-started
-  python training/train.py --config training/configs/kpts_ref.yaml --out $R2/kpts_ref \
-    --set "data.train=$TRAIN" data.val=$VAL data.num_workers=1 train.device=cpu \
-    train.init_weights=runs/bench/kref/best.pt init.kpts_pred_checkpoint=$R2/kpts_pred/best.pt \
-    loss.sigma_mm=3.0 loss.global_mm=3.0 data.augment.colour=0.3 data.augment.noise=0.02 \
-    train.batch_size=8 train.lr=3.0e-4 train.max_steps=1800 train.time_limit_min=15 \
-    train.scheduler.warmup_steps=50 train.val_every=300 train.val_batches=4
+package)
+  # round-2 runs -> im2hands_model/weights/ (+ the test table once docs/results.json exists)
+  RESULTS=()
+  [[ -f docs/results.json ]] && RESULTS=(--results docs/results.json)
+  python training/export_weights.py --kpts-pred $R2/kpts_pred/best.pt \
+    --kpts-ref $R2/kpts_ref/best.pt --halo $R2/halo/best.pt --init-occ $R2/i/best.pt \
+    --ref-occ $R2/r/best.pt "${RESULTS[@]}" \
+    --notes "CPU-trained default weights (2-core CPU, no GPU): training/recipes/default_weights.sh"
   ;;
-lane-b)
-  COMMON="data.train=$TRAIN data.val=$VAL data.points_per_hand=512 data.num_workers=1 \
-    train.device=cpu train.scheduler.warmup_steps=50 train.val_every=250 train.val_batches=2"
-  python training/train.py --config training/configs/init_occ.yaml --out $R2/halo \
-    --set $COMMON model.image_conditioning=false train.init_weights=runs/bench/halo/best.pt \
-    train.batch_size=8 train.lr=5.0e-4 train.max_steps=1200 train.time_limit_min=10
-  python training/train.py --config training/configs/init_occ.yaml --out $R2/i \
-    --set $COMMON train.init_weights=runs/bench/i/best.pt \
-    train.batch_size=8 train.lr=5.0e-4 train.max_steps=1150 train.time_limit_min=15
-  # R on the new I; a penetration weight that matters (round 1: 0.001, loss ~5e-7)
-  python training/train.py --config training/configs/ref_occ.yaml --out $R2/r \
-    --set $COMMON init.init_occ_checkpoint=$R2/i/best.pt train.init_weights=runs/bench/r/best.pt \
-    model.anchor_candidates=4096 loss.penetration_weight=0.05 train.val_every=100 \
-    train.batch_size=4 train.lr=3.0e-4 train.max_steps=400 train.time_limit_min=25
+evaluate)
+  # the shipped weights on the held-out test set (seed 300): meshes for the first $MESH_SCENES
+  # scenes (128^3 effective; CPU time), keypoints for all 500
+  MESH_SCENES=${MESH_SCENES:-120}
+  python training/evaluate.py --pretrained --data $TEST --scenes "$MESH_SCENES" \
+    --keypoint-scenes 500 --upsampling-steps 2 --jobs 2 --out docs \
+    --pictures 4 --picture-layouts clasped,crossed,touching --picture-format jpg \
+    --picture-variants "HALO,I,I+R,I+R on pred. kpts,I+R on pred. kpts + K" \
+    --notes docs/results_notes.md
   ;;
+kpts-pred) kpts_pred ;;
+kpts-ref) kpts_ref ;;
+halo) halo ;;
+i) init_occ ;;
+r) ref_occ ;;
+lane-a) kpts_pred; kpts_ref ;;
+lane-b) halo; init_occ; ref_occ ;;
 *)
   echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -23,6 +23,7 @@ Config (besides the engine's keys)::
       global_mm: 10.0          # per-hand offset noise, mm per axis
       abs_weight: 0.5          # weight of the camera-frame error next to the root-relative one
       val_seed: 0              # validation noise: fixed per (val_seed, scene_index)
+      predictor_fraction: 1.0  # with a predictor: share of scenes starting from its output
 
     init:
       kpts_pred_checkpoint: null   # a kpts_pred run's best.pt: refine its predictions
@@ -59,6 +60,7 @@ DEFAULT_LOSS: dict[str, float] = {
     "global_mm": 10.0,
     "abs_weight": 0.5,
     "val_seed": 0,
+    "predictor_fraction": 1.0,
 }
 
 
@@ -98,6 +100,9 @@ class KptsRefStage:
         self.sigma_mm = float(opts["sigma_mm"])
         self.global_mm = float(opts["global_mm"])
         self.abs_weight = float(opts["abs_weight"])
+        self.predictor_fraction = float(opts["predictor_fraction"])
+        if not 0.0 <= self.predictor_fraction <= 1.0:
+            raise ValueError("kpts_ref: loss.predictor_fraction must be in [0, 1]")
         self.val_seed = int(opts["val_seed"])
         self.augment = augment_options(cfg)
         self.predictor_path = (cfg.get("init") or {}).get("kpts_pred_checkpoint")
@@ -121,7 +126,13 @@ class KptsRefStage:
         self, model: nn.Module, batch: dict[str, Tensor], gen: torch.Generator
     ) -> tuple[Tensor, dict[str, float]]:
         gt, present = batch["joints_3d"], batch["hand_present"]
-        start = gt if self.predictor is None else self._predicted(batch)
+        start = gt
+        if self.predictor is not None:
+            # a share of the scenes starts from the predictor's output, the rest from GT, so K
+            # also refines keypoints from other sources (caller-provided, other detectors)
+            use = torch.rand(gt.shape[0], generator=gen) < self.predictor_fraction
+            use = use.to(gt.device)[:, None, None, None]
+            start = torch.where(use, self._predicted(batch), gt)
         noisy = add_keypoint_noise(start, present, gen, self.sigma_mm, self.global_mm)
         if "image" in batch:
             batch = {**batch, "image": photometric(batch["image"], gen, *self.augment)}
