@@ -112,9 +112,14 @@ demo: setup
 	rm -rf "$(DEMO_OUT)"
 	$(VENV)/bin/im2hands-data synth --n $(DEMO_N) --seed $(DEMO_SEED) --out "$(DEMO_OUT)" \
 	  --workers $(DEMO_WORKERS)
+	OMP_NUM_THREADS=1 $(VPY) training/evaluate.py --pretrained --data "$(DEMO_OUT)" --scenes 4 \
+	  --resolution 32 --upsampling-steps 1 --n-iou 20000 --n-chamfer 20000 --jobs 2 --quiet \
+	  --pictures 4 --picture-variants "HALO,I,I+R" --out "$(DEMO_OUT)/reconstruction"
 	@echo
-	@echo "contact sheet: $(DEMO_OUT)/contact_sheet.png"
-	@echo "report:        $(DEMO_OUT)/report.json"
+	@echo "contact sheet:  $(DEMO_OUT)/contact_sheet.png"
+	@echo "report:         $(DEMO_OUT)/report.json"
+	@echo "reconstruction: $(DEMO_OUT)/reconstruction/comparison.png (shipped weights, GT keypoints)"
+	@echo "                $(DEMO_OUT)/reconstruction/results.md"
 
 # Each run gets its own ROS domain (1..90, within Fast DDS's valid 0..101 on Linux) and keeps
 # DDS discovery on this machine. Override the domain with `make test TEST_ROS_DOMAIN_ID=N`.

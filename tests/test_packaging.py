@@ -61,3 +61,21 @@ def test_library_never_imports_ros():
         if ros:
             offenders[str(path.relative_to(ROOT))] = sorted(ros)
     assert not offenders, f"im2hands_model must not import ROS: {offenders}"
+
+
+def test_wheel_carries_the_shipped_weights(tmp_path):
+    """A non-editable install gets the weights: they are package data of the wheel."""
+    import subprocess
+    import sys
+    import zipfile
+
+    weights = sorted(p.name for p in (ROOT / "im2hands_model" / "weights").iterdir())
+    assert "manifest.json" in weights and any(w.endswith(".safetensors") for w in weights)
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+           "-w", str(tmp_path), str(ROOT)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    missing = [w for w in weights if f"im2hands_model/weights/{w}" not in names]
+    assert not missing, f"not in the wheel: {missing}"

@@ -47,6 +47,7 @@ from im2hands_model.evaluation import (
     hand_metrics,
     scene_contact_cm2,
     scene_penetration_cm3,
+    summary_markdown,
 )
 from im2hands_model.meshing import Mesh
 from im2hands_model.metrics import joint_errors_mm, sample_surface_points
@@ -503,16 +504,18 @@ def evaluate(args: argparse.Namespace) -> dict:
         picture = f"comparison.{args.picture_format}"
         img = Image.fromarray(comparison_picture(picture_rows, picture_K))
         img.save(out / picture, **({"quality": 88} if args.picture_format == "jpg" else {}))
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     notes = Path(args.notes).read_text() if args.notes else ""
-    (out / "results.md").write_text(results_markdown(summary, table, close, picture, notes))
+    summary["settings"]["picture"] = picture
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "results.md").write_text(results_markdown(summary, notes))
     return summary
 
 
-def results_markdown(summary: dict, table: MetricTable, close: MetricTable,
-                     picture: str | None, notes: str = "") -> str:  # fmt: skip
-    """``results.md``: what was evaluated and how, both tables, the picture and ``notes``."""
+def results_markdown(summary: dict, notes: str = "") -> str:
+    """``results.md`` from a ``results.json`` summary: what was evaluated and how, both tables,
+    the keypoint table, the picture and ``notes``."""
     st = summary["settings"]
+    picture = st.get("picture")
     nets = []
     if st["pretrained"]:
         nets.append(f"the weights shipped with the package ({st['pretrained']})")
@@ -535,11 +538,11 @@ def results_markdown(summary: dict, table: MetricTable, close: MetricTable,
         "",
         f"## All {st['scenes']} scenes",
         "",
-        table.to_markdown(),
+        summary_markdown(summary),
         "",
         f"## Interacting scenes ({', '.join(INTERACTING_LAYOUTS)})",
         "",
-        close.to_markdown(),
+        summary_markdown(summary["interacting"]),
         "",
     ]
     kp = summary.get("keypoints", {})
@@ -653,6 +656,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--render"]:  # results.md again from results.json (e.g. after editing notes)
+        p = argparse.ArgumentParser(prog="training/evaluate.py --render")
+        p.add_argument("--render", required=True, metavar="RESULTS_JSON")
+        p.add_argument("--notes", default=None, metavar="FILE")
+        a = p.parse_args(argv)
+        summary = json.loads(Path(a.render).read_text())
+        notes = Path(a.notes).read_text() if a.notes else ""
+        md = Path(a.render).with_name("results.md")
+        md.write_text(results_markdown(summary, notes))
+        print(f"wrote {md}")
+        return 0
     args = parse_args(argv)
     try:
         summary = evaluate(args)

@@ -82,6 +82,7 @@ def export_run(name: str, ckpt_path: Path, out_dir: Path) -> dict[str, Any]:
         config["init"] = {"init_occ_model": cfg.get("init", {}).get("init_occ_model")}
     path = out_dir / f"{name}.safetensors"
     export_safetensors(state, path, metadata={"name": name, "stage": stage})
+    path.chmod(0o644)  # package data: readable by everyone who installs it
     rounds = _rounds(ckpt_path)
     return {
         "file": path.name,
