@@ -218,7 +218,8 @@ def test_evaluate_with_predicted_keypoints_and_parallel_jobs(runs, tiny_dataset_
     two = _evaluate(tmp_path / "two", tiny_dataset_dir, [*ckpts, "--jobs", "2"])
     assert one["keypoints"] == two["keypoints"]
     kp = one["keypoints"]
-    assert kp["scenes"] == 6 and set(kp["sources"]) == {"pred. kpts", "pred. kpts + K"}
+    assert kp["scenes"] == 6
+    assert set(kp["sources"]) == {"pred. kpts", "pred. kpts + K", "noisy kpts", "noisy kpts + K"}
     assert kp["sources"]["pred. kpts"]["mpjpe_mm"] > 1.0
     assert kp["sources"]["pred. kpts"]["n_hands"] >= one["variants"]["I"]["n_hands"]
     names = list(one["variants"])
