@@ -19,9 +19,18 @@ ROOT = Path(__file__).resolve().parents[1]
 TEST_SEED = 300  # the held-out test set of docs/results.md; never trained on
 FRAMES = 6
 
-#: Measured on these 6 frames (64^3 effective, 20k IoU / Chamfer samples) when the weights were
-#: made, then loosened; ``measured`` documents the margin.
-FLOORS: dict[str, dict[str, float]] = {}
+#: Measured on these 6 frames (64^3 effective, 20k IoU / Chamfer samples) with the shipped
+#: weights on 2026-11-21 (in the comments), loosened by ~5 IoU points / ~30 % / ~15 %. An untrained
+#: I scores about 43 % (capsule prior alone), so broken occupancy weights fail here. The keypoint
+#: predictor is at the level of the mean hand pose (docs/results.md), so its bound only catches
+#: a collapse well beyond that.
+FLOORS: dict[str, dict[str, float]] = {
+    "HALO": {"iou": 78.0, "chamfer_mm": 2.0},  # 83.7 %, 1.42 mm
+    "I": {"iou": 79.0, "chamfer_mm": 2.0},  # 85.2 %, 1.53 mm
+    "I+R": {"iou": 78.0, "chamfer_mm": 2.0},  # 83.6 %, 1.58 mm
+    "I on pred. kpts": {"mpjpe_mm": 60.0},  # 52.8 mm
+    "I on pred. kpts + K": {"mpjpe_mm": 60.0},  # 51.1 mm
+}
 
 
 @pytest.fixture(scope="module")

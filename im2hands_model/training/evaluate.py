@@ -562,6 +562,8 @@ def results_markdown(summary: dict, notes: str = "") -> str:
         for label, row in kp["sources"].items():
             lines.append(f"| {label} | {row['mpjpe_mm']:.2f} | {row['mpjpe_abs_mm']:.2f} | "
                          f"{row['n_hands']} |")  # fmt: skip
+        if kp.get("note"):
+            lines += ["", f"({kp['note']})"]
         lines.append("")
     if picture:
         lines += [f"![input, ground truth and predictions]({picture})", ""]

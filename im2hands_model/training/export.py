@@ -55,7 +55,7 @@ def _rounds(ckpt_path: Path) -> list[dict[str, Any]]:
         "train_data": _datasets(cfg.get("data", {}).get("train")),
         "val_data": _datasets(cfg.get("data", {}).get("val")),
         "best_val": {best.get("metric", "metric"): best.get("value"), "step": best.get("step")},
-        "overrides": {k: v for k, v in cfg.get("loss", {}).items()},
+        "loss": dict(cfg.get("loss", {}) or {}),
     }
     parent = tc.get("init_weights")
     if parent and Path(parent).suffix == ".pt" and Path(parent).is_file():
@@ -81,7 +81,9 @@ def export_run(name: str, ckpt_path: Path, out_dir: Path) -> dict[str, Any]:
     if stage == "ref_occ":
         config["init"] = {"init_occ_model": cfg.get("init", {}).get("init_occ_model")}
     path = out_dir / f"{name}.safetensors"
-    export_safetensors(state, path, metadata={"name": name, "stage": stage})
+    # one metadata key: safetensors writes metadata keys in an unspecified order, and the file's
+    # checksum (manifest) must not change when the same weights are exported again
+    export_safetensors(state, path, metadata={"im2hands": {"name": name, "stage": stage}})
     path.chmod(0o644)  # package data: readable by everyone who installs it
     rounds = _rounds(ckpt_path)
     return {
