@@ -335,8 +335,8 @@ def test_metric_table_json_and_markdown_round_trip(tmp_path):
     table.add_hand("I", {"iou": 80.0, "chamfer_mm": 2.0, "mpjpe_mm": 1.0})
     table.add_hand("I", {"iou": 70.0, "chamfer_mm": 3.0, "mpjpe_mm": 2.0})
     table.add_hand("I", None)  # absent hand: skipped
-    table.add_scene("I", 0.1)
-    table.add_scene("I", 0.3)
+    table.add_scene("I", 0.1, 2.0)
+    table.add_scene("I", 0.3)  # contact area not measured: NaN, skipped
     table.add_hand("R", {"iou": 90.0, "chamfer_mm": 1.5, "mpjpe_mm": float("nan")})
     table.add_hand("R", {"iou": 0.0, "chamfer_mm": float("nan"), "mpjpe_mm": float("nan")})
     with pytest.raises(KeyError):
@@ -347,6 +347,7 @@ def test_metric_table_json_and_markdown_round_trip(tmp_path):
     assert i["iou"] == pytest.approx(75.0) and i["chamfer_mm"] == pytest.approx(2.5)
     assert i["mpjpe_mm"] == pytest.approx(1.5) and i["penetration_cm3"] == pytest.approx(0.2)
     assert i["n_hands"] == 2 and i["n_scenes"] == 2
+    assert i["contact_cm2"] == pytest.approx(2.0) and i["counts"]["contact_cm2"] == 1
     assert r["iou"] == pytest.approx(45.0) and r["chamfer_mm"] == pytest.approx(1.5)
     assert r["mpjpe_mm"] is None and r["penetration_cm3"] is None
     assert r["counts"]["chamfer_mm"] == 1 and r["n_hands"] == 2
@@ -359,8 +360,8 @@ def test_metric_table_json_and_markdown_round_trip(tmp_path):
     assert table.write_markdown(tmp_path / "metrics.md").read_text() == md
     lines = md.strip().splitlines()
     assert lines[0].startswith("| Variant | IoU (%) | CD (mm) | MPJPE (mm) | Pen. (cm³)")
-    assert lines[2] == "| I | 75.0 | 2.50 | 1.50 | 0.200 | 2 | 2 |"
-    assert lines[3] == "| R | 45.0 | 1.50 | – | – | 2 | 0 |"
+    assert lines[2] == "| I | 75.0 | 2.50 | 1.50 | 0.200 | 2.00 | 2 | 2 |"
+    assert lines[3] == "| R | 45.0 | 1.50 | – | – | – | 2 | 0 |"
     (tmp_path / "bad.json").write_text("[]")
     with pytest.raises(ValueError):
         load_summary(tmp_path / "bad.json")

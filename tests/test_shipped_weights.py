@@ -58,7 +58,9 @@ def test_manifest_describes_intact_small_weights_for_every_network():
         seeds = {d["seed"] for r in training["rounds"] for d in r["train_data"] + r["val_data"]}
         assert seeds and TEST_SEED not in seeds, f"{name} saw the test seed: {seeds}"
     assert total < 100e6, f"{total / 1e6:.1f} MB of weights is too much for a pip package"
-    assert man["date"] and man["test_results"]["settings"]["scenes"] >= 500
+    results = man["test_results"]
+    assert man["date"] and results["keypoints"]["scenes"] >= 500
+    assert results["settings"]["data"].endswith("test") and results["settings"]["scenes"] >= 100
 
 
 @pytest.mark.parametrize("name", MODELS)

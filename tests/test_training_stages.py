@@ -131,10 +131,10 @@ def test_evaluate_writes_the_table_for_every_variant(init_run, tiny_dataset_dir,
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "results.json").read_text())
     names = list(summary["variants"])
-    assert names == ["HALO", "I", "I+R", "I on noisy kpts", "I on noisy kpts + K"], names
+    assert names == ["HALO", "I", "I+R", "I on noisy kpts", "I on noisy kpts + K", "GT meshes"]
     for name, row in summary["variants"].items():
-        assert set(row) >= {"iou", "chamfer_mm", "mpjpe_mm", "penetration_cm3"}, name
-        assert 0.0 <= row["iou"] <= 100.0
+        assert set(row) >= {"iou", "chamfer_mm", "mpjpe_mm", "penetration_cm3", "contact_cm2"}
+        assert name == "GT meshes" or 0.0 <= row["iou"] <= 100.0, name
     assert summary["variants"]["HALO"]["mpjpe_mm"] == 0.0  # GT keypoints in
     assert summary["variants"]["I on noisy kpts"]["mpjpe_mm"] > 1.0
     assert "| I+R |" in (out / "results.md").read_text()
