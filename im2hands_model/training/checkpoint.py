@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,15 +117,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then ``os.replace``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Have ``write`` fill a temporary file beside ``path``, fsync it, then ``os.replace`` it
+    into place (and fsync the folder): readers see the old file or the whole new one, never a
+    part, even if the process dies mid-write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
+        write(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
@@ -132,6 +134,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
             tmp.unlink()
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -247,19 +254,32 @@ def export_safetensors(
         str(k): (json.dumps(v) if isinstance(v, dict | list) else str(v))
         for k, v in (metadata or {}).items()
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def load_trained_network(
+    path: str | os.PathLike, expected_stage: str | None = None
+) -> tuple[str, dict, nn.Module]:
+    """``(stage, run config, network with the run's weights)`` from a training checkpoint.
+
+    The network is built from the run's own config
+    (:func:`im2hands_model.pretrained.build_network`), so no other checkpoint the run started
+    from is read; the weights are loaded strictly, with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a checkpoint, an unknown stage, or not ``expected_stage``.
+    """
+    from im2hands_model.pretrained import build_network
+
+    ckpt = load_checkpoint(path)
+    cfg = ckpt.get("config") or {}
+    stage = cfg.get("stage") or ckpt.get("stage")
+    if expected_stage is not None and stage != expected_stage:
+        raise ValueError(f"{path} is a {stage!r} checkpoint, not {expected_stage}")
+    net = build_network(stage, cfg)
+    net.load_state_dict(ckpt["model"])
+    return stage, cfg, net
 
 
 def load_model_state(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, torch.Tensor]:

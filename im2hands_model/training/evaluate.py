@@ -52,6 +52,7 @@ from im2hands_model.evaluation import (
 from im2hands_model.meshing import Mesh
 from im2hands_model.metrics import joint_errors_mm, sample_surface_points
 from im2hands_model.networks.init_occ import EMPTY_LOGIT
+from im2hands_model.training.checkpoint import load_trained_network
 from im2hands_model.training.stages.occupancy_common import mesh_scene
 from im2hands_model.training.stages.ref_occ import own_points
 
@@ -82,23 +83,10 @@ class Variant:
 
 def load_run(path: str | Path, device: torch.device) -> tuple[str, dict, nn.Module]:
     """``(stage, config, model in eval mode)`` from a training checkpoint (``weights_only``)."""
-    from im2hands_model.training.stages import load_stage
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = ckpt.get("config") or {}
-    stage = cfg.get("stage") or ckpt.get("stage")
-    if stage == "ref_occ":
-        from im2hands_model.training.stages.ref_occ import build_refined
-
-        model = build_refined(cfg)
-    elif stage in ("init_occ", "kpts_ref", "kpts_pred"):
-        model = load_stage(stage)(cfg).build_model(torch.device("cpu"))
-    else:
-        raise ValueError(f"{path}: unsupported stage {stage!r}")
-    model.load_state_dict(ckpt["model"])
+    stage, cfg, model = load_trained_network(path)
     inner = model.init if stage == "ref_occ" else model
     if stage in ("init_occ", "ref_occ"):
         inner.skip_distance = SKIP_DISTANCE_M

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,11 @@ from typing import Any
 import torch
 
 from im2hands_model.pretrained import MANIFEST, MODELS, STAGES, WEIGHTS_DIR, sha256
-from im2hands_model.training.checkpoint import export_safetensors, load_checkpoint
+from im2hands_model.training.checkpoint import (
+    atomic_write,
+    export_safetensors,
+    load_checkpoint,
+)
 
 
 def _dataset_info(folder: str) -> dict[str, Any]:
@@ -114,9 +117,8 @@ def export(runs: dict[str, Path], out_dir: Path, results: Path | None, notes: st
     }
     if results is not None:
         data["test_results"] = json.loads(Path(results).read_text())
-    tmp = out_dir / f".{MANIFEST}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, out_dir / MANIFEST)
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(out_dir / MANIFEST, lambda tmp: tmp.write_text(text))
     return data
 
 

@@ -39,7 +39,7 @@ from im2hands_model.networks.keypoint_pred import (
     keypoint_loss,
 )
 from im2hands_model.training.augment import augment_options, photometric
-from im2hands_model.training.checkpoint import unwrap
+from im2hands_model.training.checkpoint import load_trained_network, unwrap
 
 GT_COLOUR = (40, 220, 60)
 PRED_COLOUR = (235, 40, 40)
@@ -65,12 +65,7 @@ def load_keypoint_predictor(path: str | os.PathLike) -> KeypointPredictor:
             f"keypoint predictor checkpoint {path} not found: train the kpts_pred stage first "
             "(python training/train.py --config training/configs/kpts_pred.yaml)"
         )
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = ckpt.get("config") or {}
-    if cfg.get("stage") != "kpts_pred":
-        raise ValueError(f"{path} is a {cfg.get('stage')!r} checkpoint, not kpts_pred")
-    net = build_keypoint_predictor(cfg.get("model", {}))
-    net.load_state_dict(ckpt["model"])
+    _, _, net = load_trained_network(path, "kpts_pred")
     for p in net.parameters():
         p.requires_grad_(False)
     return net.eval()

@@ -34,7 +34,7 @@ from im2hands_model.hands import from_normalized, to_normalized
 from im2hands_model.networks.backbone import ImageEncoder
 from im2hands_model.networks.init_occ import TwoHandInitialOccupancy
 from im2hands_model.networks.ref_occ import TwoHandRefinement, penetration_loss, sample_anchors
-from im2hands_model.training.checkpoint import unwrap
+from im2hands_model.training.checkpoint import load_trained_network, unwrap
 from im2hands_model.training.stages.init_occ import build_init_occ
 from im2hands_model.training.stages.occupancy_common import (
     dataset_faces,
@@ -53,12 +53,7 @@ def load_init_occ(path: str | os.PathLike) -> TwoHandInitialOccupancy:
             "(python training/train.py --config training/configs/init_occ.yaml) or set "
             "init.init_occ_checkpoint"
         )
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = ckpt.get("config") or {}
-    if cfg.get("stage") != "init_occ":
-        raise ValueError(f"{path} is a {cfg.get('stage')!r} checkpoint, not init_occ")
-    net = build_init_occ(cfg.get("model", {}))
-    net.load_state_dict(ckpt["model"])
+    _, cfg, net = load_trained_network(path, "init_occ")
     net.config = dict(cfg.get("model", {}))
     return net
 
