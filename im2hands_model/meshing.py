@@ -57,6 +57,8 @@ from im2hands_model.hands import BOX_HALF, flip_faces, from_normalized, mirror_n
 
 __all__ = [
     "DEFAULT_MAX_POINTS",
+    "Grid",
+    "band_refined_grid",
     "LevelStats",
     "Mesh",
     "MeshingStats",
@@ -65,7 +67,9 @@ __all__ = [
     "dense_mesh_with_stats",
     "extract_meshes",
     "extract_meshes_with_stats",
+    "grid_meshes",
     "mesh_to_camera",
+    "mise_grid",
 ]
 
 OccupancyFn = Callable[[Tensor], Tensor]
@@ -337,11 +341,7 @@ def _active_points(values: Tensor, threshold: float, dilate: bool) -> Tensor:
         ``[H, 2r + 1, 2r + 1, 2r + 1]`` bool: points of the finer grid in (or on the boundary of)
         an active cell, after the optional one-cell dilation.
     """
-    any_in = all_in = values >= threshold  # [H, n, n, n]
-    for dim in (1, 2, 3):
-        any_in = _pairs(any_in, dim, "or")
-        all_in = _pairs(all_in, dim, "and")
-    active = any_in & ~all_in  # [H, r, r, r]: corners straddle the threshold
+    active = _straddling_cells(values, threshold)  # [H, r, r, r]
     if dilate:
         for dim in (1, 2, 3):
             active = _dilate_axis(active, dim)
@@ -410,7 +410,93 @@ def _marching_cubes(grid: np.ndarray, threshold: float, box_half: float) -> Mesh
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Grid:
+    """The final grid of a MISE extraction (see :func:`mise_grid`).
+
+    Attributes:
+        values: ``[H, N, N, N]`` float32 probabilities on ``device``: true evaluations where
+            ``known``, trilinear interpolation elsewhere.
+        known: ``[H, N, N, N]`` bool.
+        valid: per hand, whether it was queried.
+        box_half: half side of the box the grid spans.
+    """
+
+    values: Tensor
+    known: Tensor
+    valid: list[bool]
+    box_half: float
+
+    @property
+    def points_per_axis(self) -> int:
+        return int(self.values.shape[1])
+
+    @property
+    def spacing(self) -> float:
+        return 2.0 * self.box_half / (self.points_per_axis - 1)
+
+    def points(self, index: Tensor) -> Tensor:
+        """Box coordinates ``[..., 3]`` of flat grid indices ``index``."""
+        n = self.points_per_axis
+        ijk = torch.stack((index // (n * n), (index // n) % n, index % n), dim=-1)
+        return ijk.to(torch.float32) * self.spacing - self.box_half
+
+
 @torch.no_grad()
+def mise_grid(
+    occ_fn: OccupancyFn,
+    num_hands: int,
+    resolution: int = 32,
+    upsampling_steps: int = 3,
+    threshold: float = 0.5,
+    box_half: float = BOX_HALF,
+    max_points: int = DEFAULT_MAX_POINTS,
+    device: torch.device | str | None = None,
+    valid: Sequence[bool] | Tensor | None = None,
+    dilate: bool = True,
+) -> tuple[Grid, MeshingStats]:
+    """The MISE evaluations of :func:`extract_meshes_with_stats` without the marching cubes:
+    ``(grid, stats)`` (same arguments)."""
+    _check_args(num_hands, resolution, threshold, box_half, max_points)
+    if upsampling_steps < 0:
+        raise ValueError(f"upsampling_steps must be >= 0, got {upsampling_steps}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    ok = _valid_mask(valid, num_hands)
+    ok_t = torch.tensor(ok, device=dev).view(-1, 1, 1, 1)
+    stats = MeshingStats(grid_points=resolution * 2**upsampling_steps + 1)
+    t_start = time.perf_counter()
+
+    n = resolution + 1
+    values = torch.zeros((num_hands, n, n, n), dtype=torch.float32, device=dev)
+    known = torch.zeros_like(values, dtype=torch.bool)
+    need = ok_t.expand(-1, n, n, n).clone()
+    for level in range(upsampling_steps + 1):
+        t0 = time.perf_counter()
+        if level > 0:
+            need = _active_points(values, threshold, dilate)
+            values, known = _upsample(values, known)
+            need &= ~known
+            need &= ok_t
+        n = values.shape[1]
+        spacing = 2.0 * box_half / (n - 1)
+        counts, padded, calls = _evaluate(
+            occ_fn, values, known, need, spacing, box_half, max_points, ok
+        )
+        _sync(dev)
+        stats.levels.append(LevelStats(level, n, counts, padded, calls, time.perf_counter() - t0))
+    stats.total_seconds = time.perf_counter() - t_start
+    return Grid(values, known, ok, box_half), stats
+
+
+def grid_meshes(grid: Grid, threshold: float) -> list[Mesh | None]:
+    """Closed meshes of the ``threshold`` level of each valid hand of a :class:`Grid`."""
+    values = grid.values.cpu().numpy()
+    return [
+        _marching_cubes(values[h], threshold, grid.box_half) if grid.valid[h] else None
+        for h in range(len(grid.valid))
+    ]
+
+
 def extract_meshes_with_stats(
     occ_fn: OccupancyFn,
     num_hands: int,
@@ -443,42 +529,96 @@ def extract_meshes_with_stats(
         ``(meshes, stats)``: ``H`` entries, each a :class:`Mesh` in box coordinates or ``None``
         (no surface, or invalid hand), and a :class:`MeshingStats`.
     """
-    _check_args(num_hands, resolution, threshold, box_half, max_points)
-    if upsampling_steps < 0:
-        raise ValueError(f"upsampling_steps must be >= 0, got {upsampling_steps}")
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    ok = _valid_mask(valid, num_hands)
-    ok_t = torch.tensor(ok, device=dev).view(-1, 1, 1, 1)
-    stats = MeshingStats(grid_points=resolution * 2**upsampling_steps + 1)
     t_start = time.perf_counter()
-
-    n = resolution + 1
-    values = torch.zeros((num_hands, n, n, n), dtype=torch.float32, device=dev)
-    known = torch.zeros_like(values, dtype=torch.bool)
-    need = ok_t.expand(-1, n, n, n).clone()
-    for level in range(upsampling_steps + 1):
-        t0 = time.perf_counter()
-        if level > 0:
-            need = _active_points(values, threshold, dilate)
-            values, known = _upsample(values, known)
-            need &= ~known
-            need &= ok_t
-        n = values.shape[1]
-        spacing = 2.0 * box_half / (n - 1)
-        counts, padded, calls = _evaluate(
-            occ_fn, values, known, need, spacing, box_half, max_points, ok
-        )
-        _sync(dev)
-        stats.levels.append(LevelStats(level, n, counts, padded, calls, time.perf_counter() - t0))
-
+    grid, stats = mise_grid(
+        occ_fn, num_hands, resolution, upsampling_steps, threshold, box_half, max_points,
+        device, valid, dilate,
+    )  # fmt: skip
     t0 = time.perf_counter()
-    grids = values.cpu().numpy()
-    meshes = [
-        _marching_cubes(grids[h], threshold, box_half) if ok[h] else None for h in range(num_hands)
-    ]
+    meshes = grid_meshes(grid, threshold)
     stats.marching_cubes_seconds = time.perf_counter() - t0
     stats.total_seconds = time.perf_counter() - t_start
     return meshes, stats
+
+
+def _straddling_cells(values: Tensor, threshold: float) -> Tensor:
+    """``[H, r, r, r]`` cells of a ``[H, r+1, r+1, r+1]`` grid whose corners straddle the level."""
+    any_in = all_in = values >= threshold
+    for dim in (1, 2, 3):
+        any_in = _pairs(any_in, dim, "or")
+        all_in = _pairs(all_in, dim, "and")
+    return any_in & ~all_in
+
+
+def _cell_corners(cells: Tensor) -> Tensor:
+    """``[H, r, r, r]`` cells -> ``[H, r+1, r+1, r+1]`` grid points that are corners of them."""
+    out = cells
+    for dim in (1, 2, 3):
+        r = out.shape[dim]
+        shape = list(out.shape)
+        shape[dim] = r + 1
+        pts = torch.zeros(shape, dtype=torch.bool, device=cells.device)
+        pts.narrow(dim, 0, r).logical_or_(out)
+        pts.narrow(dim, 1, r).logical_or_(out)
+        out = pts
+    return out
+
+
+@torch.no_grad()
+def band_refined_grid(
+    grid: Grid,
+    threshold: float,
+    delta_fn: OccupancyFn,
+    coarse: bool = True,
+    dilation: int = 0,
+    max_points: int = DEFAULT_MAX_POINTS,
+) -> tuple[Grid, LevelStats]:
+    """A refinement of a MISE grid evaluated only in a band around its surface.
+
+    The refined field is the grid's field plus a correction (in logits) that matters only near
+    the surface, as two-hand refinement R is: ``delta_fn(points [H, P, 3]) -> [H, P]`` gives
+    ``refined_logit - logit`` at box points. It is evaluated only at the corners of the cells
+    whose corners straddle ``threshold`` (dilated by ``dilation`` cells), and with ``coarse``
+    only at the corners of the 2x coarser cells holding them (about a quarter of the points),
+    then interpolated trilinearly onto the fine band. Outside the band the result is the grid's
+    inside/outside decision (0 or 1), so no spurious surface appears at a different iso-level.
+
+    Returns:
+        ``(refined grid of probabilities, statistics of the evaluation)``; mesh it with
+        :func:`grid_meshes` at the refinement's own threshold.
+    """
+    t0 = time.perf_counter()
+    values = grid.values
+    H, n = values.shape[0], values.shape[1]
+    dev = values.device
+    ok_t = torch.tensor(grid.valid, device=dev).view(-1, 1, 1, 1)
+    cells = _straddling_cells(values, threshold)
+    for _ in range(dilation):
+        for dim in (1, 2, 3):
+            cells = _dilate_axis(cells, dim)
+    cells &= ok_t
+    band = _cell_corners(cells)  # [H, n, n, n]
+    logit = torch.logit(values.clamp(1e-6, 1 - 1e-6))
+    use_coarse = coarse and (n - 1) % 2 == 0 and n > 3
+    if use_coarse:
+        r = (n - 1) // 2
+        coarse_cells = cells.view(H, r, 2, r, 2, r, 2).any(6).any(4).any(2)
+        need = _cell_corners(coarse_cells)
+        nc = r + 1
+    else:
+        need, nc = band, n
+    delta = torch.zeros((H, nc, nc, nc), dtype=torch.float32, device=dev)
+    unused = torch.zeros_like(delta, dtype=torch.bool)
+    spacing = 2.0 * grid.box_half / (nc - 1)
+    counts, padded, calls = _evaluate(
+        delta_fn, delta, unused, need, spacing, grid.box_half, max_points, grid.valid
+    )
+    if use_coarse:
+        delta, _ = _upsample(delta, unused)
+    refined = torch.where(band, torch.sigmoid(logit + delta), (values >= threshold).float())
+    _sync(dev)
+    stats = LevelStats(-1, nc, counts, padded, calls, time.perf_counter() - t0)
+    return Grid(refined, band, list(grid.valid), grid.box_half), stats
 
 
 def extract_meshes(

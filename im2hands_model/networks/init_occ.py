@@ -164,13 +164,19 @@ class InitialOccupancy(nn.Module):
             nn.init.zeros_(self.l4.weight)
             nn.init.zeros_(self.l4.bias)
 
-    def part_logits(self, points_norm: Tensor, pose: HandPose, img: Tensor | None) -> Tensor:
-        """Per-part logits ``[B, 16, N]`` for normalised points ``[B, N, 3]`` (mirrored if left)."""
+    def _check_img(self, img: Tensor | None) -> None:
         if (img is None) != (self.img_dim == 0):
             raise ValueError(
                 "this network was built with img_dim="
                 f"{self.img_dim}; got {'no' if img is None else 'an'} image feature"
             )
+
+    def _first_layer(self, pose: HandPose) -> tuple[Tensor, Tensor]:
+        """Per-hand layer-0 weights ``[B, 16, 3, H]`` and biases ``[B, 16, H]``.
+
+        ``T_b x = R_b x + t_b``, so ``(T_b x) W = x (R_b^T W) + t_b W``: the part transform and the
+        per-hand code (length, shape, pose) are folded into layer 0 once per hand and part.
+        """
         shape = self.shape_mlp(pose.lengths)  # [B, 16]
         posec = self.pose_code(pose.transforms[:, :, :3, 3].flatten(1))  # [B, 8]
         code = torch.cat(
@@ -181,12 +187,17 @@ class InitialOccupancy(nn.Module):
             ],
             -1,
         )  # [B, 16, 25]
-        # T_b x = R_b x + t_b, so (T_b x) W = x (R_b^T W) + t_b W: fold the transform into layer 0.
         rot = pose.transforms[:, :, :3, :3]
         trans = pose.transforms[:, :, :3, 3]
         w_point = torch.einsum("bpji,pjh->bpih", rot, self.w0_point)  # [B, 16, 3, H]
         bias = torch.einsum("bpj,pjh->bph", trans, self.w0_point)
         bias = bias + torch.einsum("bpc,pch->bph", code, self.w0_code) + self.b0
+        return w_point, bias
+
+    def part_logits(self, points_norm: Tensor, pose: HandPose, img: Tensor | None) -> Tensor:
+        """Per-part logits ``[B, 16, N]`` for normalised points ``[B, N, 3]`` (mirrored if left)."""
+        self._check_img(img)
+        w_point, bias = self._first_layer(pose)
         h = torch.einsum("bni,bpih->bpnh", points_norm, w_point) + bias[:, :, None, :]
         h = self.act(h)
         h = h + self.act(self.l1(h))
@@ -200,6 +211,53 @@ class InitialOccupancy(nn.Module):
             dist = part_distances(points_norm, pose.joints_norm)  # [B, 16, N]
             sharp = self.capsule_log_sharpness.exp()
             out = out + sharp * (self.capsule_radius[:, None] - dist)
+        return out
+
+    def nearest_parts_logits(
+        self, points_norm: Tensor, pose: HandPose, img: Tensor | None, parts: int
+    ) -> Tensor:
+        """Hand logits ``[B, N]`` from each point's ``parts`` nearest parts only (inference).
+
+        The same network as :meth:`forward` with the maximum taken over the ``parts`` parts whose
+        bones are nearest to each point instead of all 16: far parts hardly ever hold the
+        maximum (their capsule prior is far below zero there, and the part-assignment loss
+        trains every part to be empty away from its bone), and skipping them makes meshing
+        several times cheaper. ``parts >= 16`` is exactly :meth:`forward` (hard maximum only).
+        """
+        self._check_img(img)
+        if parts >= NUM_PARTS or self.soft_max_temperature:
+            return self.forward(points_norm, pose, img)
+        b, n, _ = points_norm.shape
+        dist = part_distances(points_norm, pose.joints_norm)  # [B, 16, N]
+        chosen = dist.topk(parts, dim=1, largest=False).indices  # [B, k, N]
+        w_point, bias = self._first_layer(pose)
+        out = points_norm.new_full((b, n), float("-inf"))
+        sharp = self.capsule_log_sharpness.exp() if self.capsule_prior else None
+        for i in range(b):
+            part_of = chosen[i].reshape(-1)  # pair j: part part_of[j] at point j % n
+            point_of = torch.arange(n, device=points_norm.device).repeat(parts)
+            order = torch.argsort(part_of, stable=True)
+            part_of, point_of = part_of[order], point_of[order]
+            counts = torch.bincount(part_of, minlength=NUM_PARTS).tolist()
+            logits = points_norm.new_empty(len(part_of))
+            start = 0
+            for p, count in enumerate(counts):
+                if count == 0:
+                    continue
+                rows = point_of[start : start + count]
+                h = self.act(points_norm[i, rows] @ w_point[i, p] + bias[i, p])
+                h = h + self.act(h @ self.l1.weight[p] + self.l1.bias[p])
+                pre = h @ self.l2.weight[p] + self.l2.bias[p]
+                if self.l2_img is not None:
+                    pre = pre + img[i, rows] @ self.l2_img[p]
+                h = h + self.act(pre)
+                h = h + self.act(h @ self.l3.weight[p] + self.l3.bias[p])
+                val = (h @ self.l4.weight[p] + self.l4.bias[p])[:, 0]
+                if sharp is not None:
+                    val = val + sharp * (self.capsule_radius[p] - dist[i, p, rows])
+                logits[start : start + count] = val
+                start += count
+            out[i].scatter_reduce_(0, point_of, logits, reduce="amax")
         return out
 
     def forward(self, points_norm: Tensor, pose: HandPose, img: Tensor | None = None) -> Tensor:
@@ -260,6 +318,9 @@ class TwoHandInitialOccupancy(nn.Module):
         #: Inference-time empty-space skipping distance in metres (None: off); see
         #: :meth:`forward_normalized`. Hand surfaces lie within ~3 cm of their bones.
         self.skip_distance: float | None = None
+        #: Inference-time part culling with :attr:`skip_distance` (None: all 16 parts): each
+        #: point's logit is the maximum over its ``cull_parts`` nearest parts only.
+        self.cull_parts: int | None = None
         self.hands = nn.ModuleList(
             [
                 InitialOccupancy(hidden, img_dim, soft_max_temperature, capsule_prior)
@@ -307,15 +368,16 @@ class TwoHandInitialOccupancy(nn.Module):
             p = points_norm[:, h]
             if h == 0:  # the left hand's network sees it mirrored into a right hand
                 p = mirror_normalized(p)
-            img = None
+            qpos = None
             if self.image_conditioning:
                 if ctx is None or K is None:
                     raise ValueError("image-conditioned I needs K and the image context")
                 cam = from_normalized(points_norm[:, h], pose.rot, pose.origin)
-                img = self.attention[h](self.query_position(cam, pose, K, ctx), ctx.tokens)
+                qpos = self.query_position(cam, pose, K, ctx)
             if self.skip_distance is not None and not return_parts and not torch.is_grad_enabled():
-                logits = self._near_only(h, p, pose, img)
+                logits = self._near_only(h, p, pose, qpos, ctx)
             else:
+                img = None if qpos is None else self.attention[h](qpos, ctx.tokens)
                 parts = self.hands[h].part_logits(p, pose, img)
                 logits = self.hands[h].reduce_parts(parts)
                 parts_out.append(parts)
@@ -360,8 +422,11 @@ class TwoHandInitialOccupancy(nn.Module):
         )
         return self.forward_normalized(norm, joints, K, ctx, present, poses, return_parts)
 
-    def _near_only(self, h: int, p: Tensor, pose: HandPose, img: Tensor | None) -> Tensor:
-        """Logits ``[B, Q]``, running the network only on points near the hand's bones."""
+    def _near_only(
+        self, h: int, p: Tensor, pose: HandPose, qpos: Tensor | None, ctx: ImageContext | None
+    ) -> Tensor:
+        """Logits ``[B, Q]``, running the network (and the image attention) only on points near
+        the hand's bones; with :attr:`cull_parts`, only on each point's nearest parts."""
         limit = self.skip_distance / NORM_SCALE
         near = part_distances(p, pose.joints_norm).min(1).values <= limit  # [B, Q]
         out = p.new_full(near.shape, EMPTY_LOGIT)
@@ -370,8 +435,15 @@ class TwoHandInitialOccupancy(nn.Module):
             if idx.numel() == 0:
                 continue
             sub = HandPose(*(getattr(pose, f)[b : b + 1] for f in HandPose.__dataclass_fields__))
-            feat = None if img is None else img[b : b + 1, idx]
-            out[b, idx] = self.hands[h](p[b : b + 1, idx], sub, feat)[0]
+            feat = None
+            if qpos is not None:
+                feat = self.attention[h](qpos[b : b + 1, idx], ctx.tokens[b : b + 1])
+            pts = p[b : b + 1, idx]
+            if self.cull_parts:
+                val = self.hands[h].nearest_parts_logits(pts, sub, feat, self.cull_parts)
+            else:
+                val = self.hands[h](pts, sub, feat)
+            out[b, idx] = val[0]
         return out
 
     @staticmethod

@@ -367,8 +367,10 @@ class TwoHandRefinement(nn.Module):
         """Refined logits of both hands at the queries.
 
         Args:
-            queries: ``[B, Q, 3]`` camera frame (metres).
-            init_logits: ``[B, 2, Q]`` I's logits of both hands at every query.
+            queries: ``[B, Q, 3]`` camera frame (metres), scored for both hands; or
+                ``[B, 2, Q, 3]``: hand ``h`` scored at its own queries ``queries[:, h]`` only
+                (inference: each hand's mesh needs only its own occupancy, half the work).
+            init_logits: ``[B, 2, Q]`` I's logit of each hand at its queries.
             ctx: from :meth:`encode_context` (same ``center``).
             K: ``[B, 3, 3]``; feats: the same image features as for the context.
             center: ``[B, 3]``.
@@ -376,10 +378,12 @@ class TwoHandRefinement(nn.Module):
         Returns:
             ``[B, 2, Q]`` refined logits (= ``init_logits`` for absent hands).
         """
-        b, q = queries.shape[:2]
-        if queries.shape != (b, q, 3) or init_logits.shape != (b, 2, q):
+        per_hand = queries.dim() == 4
+        b, q = queries.shape[0], queries.shape[-2]
+        shape = (b, 2, q, 3) if per_hand else (b, q, 3)
+        if queries.shape != shape or init_logits.shape != (b, 2, q):
             raise ValueError(
-                f"queries [B, Q, 3] and init_logits [B, 2, Q] expected, got "
+                f"queries [B, Q, 3] or [B, 2, Q, 3] and init_logits [B, 2, Q] expected, got "
                 f"{tuple(queries.shape)} and {tuple(init_logits.shape)}"
             )
         if ctx.latent.shape[0] != b:
@@ -390,25 +394,24 @@ class TwoHandRefinement(nn.Module):
             raise ValueError("queries contain NaN/inf")
         a = ctx.anchors.shape[2]
         m = b * 2
-        qpos = self._normalize(queries, center)  # [B, Q, 3]
-        qpos2 = qpos[:, None].expand(b, 2, q, 3).reshape(m, q, 3)
+        qpos = self._normalize(queries, center)  # [B, Q, 3] or [B, 2, Q, 3]
+        qpos2 = (qpos if per_hand else qpos[:, None].expand(b, 2, q, 3)).reshape(m, q, 3)
         apos = ctx.anchors.reshape(m, a, 3)
         _, idx = knn(qpos2, apos, min(self.k_dec, a))  # [M, Q, k]
 
         latent = ctx.latent  # [B, 2, L]
-        tok = self.query_pos(qpos)[:, None] + self.query_latent(latent)[:, :, None]
+        tok = self.query_pos(qpos2).reshape(b, 2, q, -1) + self.query_latent(latent)[:, :, None]
         tok = tok.reshape(m, q, -1)
         att = self.cross(tok, qpos2, ctx.features.reshape(m, a, self.dims[0]), apos, idx)
         h_att = self.cross_norm(tok + att).reshape(b, 2, q, -1)
 
-        pix = self._pixel_features(feats, queries, K)  # [B, Q, C], shared by both hands
+        if per_hand:
+            pix = self._pixel_features(feats, queries.reshape(b, 2 * q, 3), K)
+            pix = self.dec_pix(pix).reshape(b, 2, q, -1)
+        else:  # [B, Q, C], shared by both hands
+            pix = self.dec_pix(self._pixel_features(feats, queries, K))[:, None]
         occ = torch.sigmoid(init_logits.detach()).to(h_att.dtype)[..., None]  # [B, 2, Q, 1]
-        h = (
-            self.dec_att(h_att)
-            + self.dec_latent(latent)[:, :, None]
-            + self.dec_pix(pix)[:, None]
-            + self.dec_occ(occ)
-        )
+        h = self.dec_att(h_att) + self.dec_latent(latent)[:, :, None] + pix + self.dec_occ(occ)
         for block in self.dec_blocks:
             h = block(h)
         delta = self.dec_out(F.relu(h))[..., 0]  # [B, 2, Q]

@@ -1,0 +1,353 @@
+"""``Im2Hands``: one image and its intrinsics in, two watertight hand meshes out.
+
+``Im2Hands.__call__`` follows the paper's overview figure, top to bottom::
+
+    keypoints  = source(frame)                    # predictor (or MediaPipe, or the caller's)
+    keypoints  = K(keypoints, crop)               # two-hand keypoint refinement   (optional)
+    I          = InitialField(crop, keypoints)    # per-hand implicit occupancy
+    meshes     = MISE + marching cubes of I       # 0.5 level
+    I+R        = RefinedField(I, I's meshes)      # two-hand refinement            (optional)
+    meshes     = marching cubes of I+R            # 0.45 level, R on a band around I's surface
+    contacts   = hand_contacts(meshes)
+
+Nothing needs ground truth: the keypoint source finds the hands, a training-style square crop is
+cut around them (:mod:`~im2hands_model.pipeline.crop`; its intrinsics keep the camera frame), and
+meshes are mapped from each hand's normalised space back to the camera frame.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from im2hands_model.hands import root_frame
+from im2hands_model.meshing import band_refined_grid, grid_meshes, mesh_to_camera, mise_grid
+from im2hands_model.pipeline.contacts import (
+    DEFAULT_CONTACT_DISTANCE,
+    DEFAULT_VOXEL_SIZE,
+    hand_contacts,
+)
+from im2hands_model.pipeline.frame import MAX_PIXELS, Frame
+from im2hands_model.pipeline.keypoints import (
+    LearnedKeypoints,
+    crop_around,
+    crop_tensor,
+    given_keypoints,
+)
+from im2hands_model.pipeline.occupancy import InitialField, RefinedField
+from im2hands_model.pipeline.result import (
+    HAND_NAMES,
+    ContactReport,
+    HandResult,
+    Keypoints,
+    Reconstruction,
+)
+
+__all__ = ["Im2Hands", "PipelineConfig"]
+
+KEYPOINT_SOURCES = ("learned", "mediapipe", "given")
+BACKENDS = ("torch", "onnxruntime")
+
+#: Points farther than this from every bone of a hand are empty for it (not run through I).
+SKIP_DISTANCE_M = 0.045
+
+
+@dataclass
+class PipelineConfig:
+    """Switches and sizes of the pipeline (all have defaults; see README "Pipeline").
+
+    Attributes:
+        keypoint_source: ``learned`` (default), ``mediapipe`` (extra) or ``given`` (the caller
+            passes ``keypoints=`` to every call).
+        refine_keypoints: run K.
+        use_image: I with query-image attention (False: keypoint-only HALO).
+        refine_occupancy: run R.
+        resolution: effective final grid cells per axis (``None``: 128 on CPU, 256 on GPU).
+        coarse_resolution: MISE start grid (the paper's 32).
+        threshold_i, threshold_r: iso-levels of I and R (paper: 0.5, 0.45).
+        cull_parts: I evaluates each point's ``cull_parts`` nearest parts only (``None``: all 16).
+        refine_band_coarse: R's correction evaluated on the 2x coarser band and interpolated.
+        contact_distance: metres; voxel_size: penetration volume voxels, metres.
+        presence_threshold: predictor presence probability that counts as a hand.
+        max_pixels: largest accepted image.
+        seed: anchor sampling seed (fixed: same frame, same meshes).
+    """
+
+    keypoint_source: str = "learned"
+    refine_keypoints: bool = True
+    use_image: bool = True
+    refine_occupancy: bool = True
+    resolution: int | None = None
+    coarse_resolution: int = 32
+    threshold_i: float = 0.5
+    threshold_r: float = 0.45
+    cull_parts: int | None = 4
+    refine_band_coarse: bool = True
+    contact_distance: float = DEFAULT_CONTACT_DISTANCE
+    voxel_size: float = DEFAULT_VOXEL_SIZE
+    presence_threshold: float = 0.5
+    max_pixels: int = MAX_PIXELS
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.keypoint_source not in KEYPOINT_SOURCES:
+            raise ValueError(f"keypoint_source must be one of {KEYPOINT_SOURCES}")
+        if self.resolution is not None:
+            steps = math.log2(self.resolution / self.coarse_resolution)
+            if self.resolution < self.coarse_resolution or steps != int(steps):
+                raise ValueError(
+                    f"resolution {self.resolution} must be coarse_resolution "
+                    f"{self.coarse_resolution} times a power of two"
+                )
+        if self.coarse_resolution < 2:
+            raise ValueError("coarse_resolution must be >= 2")
+        for name in ("threshold_i", "threshold_r", "presence_threshold"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must lie in (0, 1)")
+        if self.cull_parts is not None and not 1 <= self.cull_parts <= 16:
+            raise ValueError("cull_parts must be None or 1..16")
+        if self.contact_distance < 0 or not self.voxel_size > 0:
+            raise ValueError("contact_distance must be >= 0 and voxel_size > 0")
+
+
+class _Timer:
+    """Wall time per stage in ms (CUDA synchronised)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.ms = device, {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.ms[stage] = self.ms.get(stage, 0.0) + seconds * 1e3
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+class Im2Hands:
+    """The two-hand reconstruction pipeline (module docstring).
+
+    Build it with :meth:`from_pretrained`; call it as ``model(image_rgb, K)``.
+
+    Args:
+        networks: dict with ``kpts_pred``, ``kpts_ref``, ``halo``, ``ref_occ`` (I+R; its ``init``
+            is I) modules, torch or ONNX Runtime wrappers with the same methods.
+        config: :class:`PipelineConfig`.
+        device: torch device of the networks' inputs.
+        backend: ``torch`` or ``onnxruntime`` (for reports).
+    """
+
+    def __init__(self, networks: dict[str, Any], config: PipelineConfig | None = None,
+                 device: torch.device | str = "cpu", backend: str = "torch") -> None:  # fmt: skip
+        self.nets = networks
+        self.device = torch.device(device)
+        self.backend = backend
+        self.config = config or PipelineConfig()
+        self.config.check()
+        self._mediapipe = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike | None = None,
+        device: str = "auto",
+        backend: str = "torch",
+        **config: Any,
+    ) -> Im2Hands:
+        """The pipeline with trained weights.
+
+        Args:
+            path: a weights folder with ``manifest.json`` (as written by
+                ``training/export_weights.py``); ``None``: the weights shipped in the package.
+            device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+            backend: ``torch``, or ``onnxruntime`` (networks exported to ONNX on first use,
+                CUDA/TensorRT execution providers where available).
+            **config: fields of :class:`PipelineConfig`.
+        """
+        from im2hands_model.pretrained import load_pretrained
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        dev = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        )
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+        nets = {name: load_pretrained(name, dev, path) for name in ("kpts_pred", "kpts_ref",
+                                                                  "halo", "ref_occ")}  # fmt: skip
+        for name in ("halo", "ref_occ"):
+            occ = nets[name].init if name == "ref_occ" else nets[name]
+            occ.skip_distance = SKIP_DISTANCE_M
+        model = cls(nets, PipelineConfig(**config), dev, "torch")
+        if backend == "onnxruntime":
+            from im2hands_model.pipeline.onnx_backend import onnx_networks
+
+            model.nets = onnx_networks(nets, dev)
+            model.backend = "onnxruntime"
+        model.set_cull_parts(model.config.cull_parts)
+        return model
+
+    def set_cull_parts(self, parts: int | None) -> None:
+        """Part culling of I and HALO (``None``: every part for every query)."""
+        self.config.cull_parts = parts
+        for net in (self.nets["halo"], self.nets["ref_occ"].init):
+            net.cull_parts = parts
+
+    def configured(self, **changes: Any) -> Im2Hands:
+        """The same networks with some :class:`PipelineConfig` fields changed."""
+        model = Im2Hands(self.nets, replace(self.config, **changes), self.device, self.backend)
+        model._mediapipe = self._mediapipe
+        return model
+
+    # ------------------------------------------------------------------ the pipeline
+    @property
+    def resolution(self) -> int:
+        if self.config.resolution is not None:
+            return self.config.resolution
+        return 256 if self.device.type == "cuda" else 128
+
+    @torch.inference_mode()
+    def __call__(self, image: Any, K: Any, keypoints: Any = None) -> Reconstruction:
+        """Reconstruct both hands of one frame.
+
+        Args:
+            image: RGB ``uint8 [H, W, 3]`` (also grey, RGBA, uint16, float in [0, 1], PIL).
+            K: ``[3, 3]`` intrinsics of the full image.
+            keypoints: the caller's keypoints (``[2, 21, 3]`` camera frame, metres, NaN rows for
+                an absent hand; or ``{"left": ..., "right": ...}``); required for the ``given``
+                source and used instead of any other source when passed.
+
+        Returns:
+            :class:`~im2hands_model.pipeline.result.Reconstruction` (``.empty`` with a
+            ``message`` when no hand is found).
+
+        Raises:
+            InputError: unusable image, intrinsics or keypoints (the message says why).
+        """
+        cfg = self.config
+        timer = _Timer(self.device)
+        t_start = timer.now()
+        frame = Frame.from_input(image, K, cfg.max_pixels)
+
+        t0 = timer.now()
+        found = self._keypoints(frame, keypoints)
+        timer.add("keypoints", timer.now() - t0)
+        if not found.any:
+            return self._empty(timer, t_start, "no hand found")
+
+        if cfg.refine_keypoints:
+            t0 = timer.now()
+            found = self._refine_keypoints(frame, found)
+            timer.add("K", timer.now() - t0)
+
+        window = crop_around(found, frame)
+        image_t, K_t = crop_tensor(frame, window, self.device)
+        joints = torch.as_tensor(found.joints, device=self.device)[None]
+        present = torch.as_tensor(found.present, device=self.device)[None]
+
+        init_net = self.nets["ref_occ"].init if cfg.use_image else self.nets["halo"]
+        init = InitialField(init_net, image_t, K_t, joints, present)
+        encode_seconds = init.seconds
+        t0 = timer.now()
+        grid, stats = mise_grid(
+            init,
+            2,
+            cfg.coarse_resolution,
+            int(round(math.log2(self.resolution / cfg.coarse_resolution))),
+            cfg.threshold_i,
+            device=self.device,
+            valid=found.present.tolist(),
+        )
+        meshes = self._to_camera(grid_meshes(grid, cfg.threshold_i), found.joints)
+        mesh_seconds = timer.now() - t0 - (init.seconds - encode_seconds)
+        timer.add("I", init.seconds)
+        queries = {"I": init.evaluated}
+
+        if cfg.refine_occupancy and cfg.use_image and any(m is not None for m in meshes):
+            refined = RefinedField(self.nets["ref_occ"], init, image_t, meshes, cfg.seed)
+            init_before = init.seconds
+            t0 = timer.now()
+            r_grid, _ = band_refined_grid(
+                grid, cfg.threshold_i, refined.delta, coarse=cfg.refine_band_coarse
+            )
+            meshes = self._to_camera(grid_meshes(r_grid, cfg.threshold_r), found.joints)
+            elapsed = timer.now() - t0
+            r_seconds = refined.seconds
+            # R's own time includes I's logits at its queries: count those under I
+            i_inside = init.seconds - init_before
+            mesh_seconds += elapsed - (r_seconds - refined.encode_seconds)
+            r_seconds -= i_inside
+            timer.add("R", r_seconds)
+            timer.add("I", i_inside)
+            queries["R"] = refined.evaluated
+        timer.add("meshing", max(mesh_seconds, 0.0))
+
+        t0 = timer.now()
+        contacts = hand_contacts(meshes, cfg.contact_distance, cfg.voxel_size)
+        timer.add("contacts", timer.now() - t0)
+
+        hands: list[HandResult | None] = []
+        for h, name in enumerate(HAND_NAMES):
+            if not found.present[h] or meshes[h] is None:
+                hands.append(None)
+                continue
+            hands.append(
+                HandResult(
+                    name, meshes[h].to_trimesh(), found.joints[h].copy(), float(found.confidence[h])
+                )  # fmt: skip
+            )
+        timer.add("total", timer.now() - t_start)
+        message = "" if any(hands) else "hands found, but no surface extracted"
+        return Reconstruction(
+            hands, contacts, timer.ms, queries, window.intrinsics(frame.K),
+            (window.x0, window.y0, window.side), message,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ stages
+    def _keypoints(self, frame: Frame, keypoints: Any) -> Keypoints:
+        if keypoints is not None:
+            return given_keypoints(keypoints, frame)
+        source = self.config.keypoint_source
+        if source == "given":
+            raise ValueError("keypoint_source='given' needs keypoints=... in every call")
+        if source == "mediapipe":
+            if self._mediapipe is None:
+                from im2hands_model.pipeline.mediapipe_source import MediaPipeKeypoints
+
+                self._mediapipe = MediaPipeKeypoints()
+            return self._mediapipe(frame.rgb, frame.K)
+        learned = LearnedKeypoints(self.nets["kpts_pred"], 2, self.config.presence_threshold)
+        return learned(frame)
+
+    def _refine_keypoints(self, frame: Frame, found: Keypoints) -> Keypoints:
+        window = crop_around(found, frame)
+        image_t, K_t = crop_tensor(frame, window, self.device)
+        joints = torch.as_tensor(found.joints, device=self.device)[None]
+        present = torch.as_tensor(found.present, device=self.device)[None]
+        refined = self.nets["kpts_ref"](joints, present, image=image_t, K=K_t)[0].cpu().numpy()
+        out = replace(found, joints=np.where(found.present[:, None, None], refined, found.joints))
+        out.joints_2d = None
+        return given_keypoints(out, frame)
+
+    @staticmethod
+    def _to_camera(meshes: list, joints: np.ndarray) -> list:
+        rot, origin = root_frame(torch.as_tensor(joints, dtype=torch.float32))
+        return [mesh_to_camera(m, rot[h], origin[h]) for h, m in enumerate(meshes)]
+
+    def _empty(self, timer: _Timer, t_start: float, message: str) -> Reconstruction:
+        timer.add("total", timer.now() - t_start)
+        report = ContactReport(contact_distance=self.config.contact_distance)
+        return Reconstruction([None, None], report, timer.ms, message=message)
+
+    def describe(self) -> dict[str, Any]:
+        """Settings for logs and benchmark JSON."""
+        return {"backend": self.backend, "device": str(self.device),
+                "resolution": self.resolution, **asdict(self.config)}  # fmt: skip

@@ -1,0 +1,131 @@
+"""The occupancy stages of one frame, as fields the mesher can query (SPEC §3.2, §3.3, §3.6).
+
+* :class:`InitialField` -- I (or keypoint-only HALO) of both hands for one crop. The image encoder
+  runs once when the field is made; every query then costs only the part MLPs (and the query's
+  attention over the patch tokens), evaluated for points near the hand's bones and, with part
+  culling, only for each point's nearest parts.
+* :class:`RefinedField` -- two-hand refinement R on top of an :class:`InitialField`: anchors are
+  sampled evenly on I's meshes, R's image encoder and anchor encoder run once, and each query
+  costs one decoder pass for its own hand; I's logit at the query comes from the same I (never a
+  second copy of I's encoder).
+
+Both take points ``[2, P, 3]`` in each hand's own (unmirrored) normalised space, the mesher's
+coordinates (:mod:`im2hands_model.meshing`), and count evaluated points and network time.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from im2hands_model.hands import from_normalized
+from im2hands_model.metrics import sample_surface_points
+from im2hands_model.networks.init_occ import EMPTY_LOGIT
+
+__all__ = ["InitialField", "RefinedField"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class InitialField:
+    """I (or HALO) of both hands of one crop.
+
+    Args:
+        net: a :class:`~im2hands_model.networks.init_occ.TwoHandInitialOccupancy` (its
+            ``skip_distance`` and ``cull_parts`` decide the inference shortcuts).
+        image: ``[1, 3, S, S]`` crop in [0, 1] (unused by HALO).
+        K: ``[1, 3, 3]`` crop intrinsics.
+        joints: ``[1, 2, 21, 3]`` keypoints, camera frame.
+        present: ``[1, 2]`` bool.
+    """
+
+    def __init__(self, net, image: Tensor, K: Tensor, joints: Tensor, present: Tensor) -> None:
+        t0 = time.perf_counter()
+        self.net, self.K, self.joints, self.present = net, K, joints, present
+        self.ctx = net.encode(image) if net.image_conditioning else None
+        self.poses = net.poses(joints)
+        self.evaluated = 0
+        _sync(joints.device)
+        self.seconds = time.perf_counter() - t0
+
+    def logits(self, points_norm: Tensor) -> Tensor:
+        """Each hand's logit ``[2, P]`` at its own points ``[2, P, 3]``."""
+        out = self.net.forward_normalized(
+            points_norm[None], self.joints, self.K, self.ctx, self.present, self.poses
+        )
+        return out[0]
+
+    def __call__(self, points_norm: Tensor) -> Tensor:
+        t0 = time.perf_counter()
+        probs = torch.sigmoid(self.logits(points_norm))
+        _sync(points_norm.device)
+        self.seconds += time.perf_counter() - t0
+        self.evaluated += int(points_norm.shape[0] * points_norm.shape[1])
+        return probs
+
+
+class RefinedField:
+    """I+R of both hands of one crop, as a correction of I's logits (see
+    :func:`~im2hands_model.meshing.band_refined_grid`).
+
+    Args:
+        refined: a :class:`~im2hands_model.training.stages.ref_occ.RefinedOccupancy`
+            (its ``encoder`` and ``refine`` are used; its I is ``init``'s network).
+        init: the frame's :class:`InitialField` (same keypoints and crop).
+        image: ``[1, 3, S, S]`` crop; init_meshes: I's meshes ``[left, right]`` in the camera
+            frame (``None`` where missing), on which the anchors are sampled.
+        seed: seed of the anchor sampling (fixed: the same frame gives the same meshes).
+    """
+
+    def __init__(self, refined, init: InitialField, image: Tensor, init_meshes: list,
+                 seed: int = 0) -> None:  # fmt: skip
+        t0 = time.perf_counter()
+        self.refine, self.init = refined.refine, init
+        device = init.joints.device
+        num = self.refine.num_anchors
+        rng = np.random.default_rng(seed)
+        anchors = torch.zeros(1, 2, num, 3, device=device)
+        has_mesh = torch.zeros(1, 2, dtype=torch.bool, device=device)
+        for h, mesh in enumerate(init_meshes):
+            if mesh is not None and len(mesh.faces):
+                pts = sample_surface_points(mesh.vertices, mesh.faces, num, rng)
+                anchors[0, h] = torch.as_tensor(pts, dtype=torch.float32, device=device)
+                has_mesh[0, h] = True
+        from im2hands_model.training.stages.ref_occ import hands_center
+
+        self.present = init.present & has_mesh
+        self.feats = refined.encoder(image)
+        self.center = hands_center(init.joints, self.present)
+        self.ctx = self.refine.encode_context(
+            anchors, self.present, init.K, self.feats, self.center
+        )
+        self.evaluated = 0
+        _sync(device)
+        self.seconds = self.encode_seconds = time.perf_counter() - t0
+
+    def delta(self, points_norm: Tensor) -> Tensor:
+        """``refined - initial`` logits ``[2, P]`` of each hand at its own points ``[2, P, 3]``
+        (0 where I says the point is far from the hand: R is not run there)."""
+        t0 = time.perf_counter()
+        init = self.init.logits(points_norm)  # [2, P]
+        poses = self.init.poses
+        cam = torch.cat(
+            [from_normalized(points_norm[h][None], poses[h].rot, poses[h].origin) for h in (0, 1)]
+        )  # [2, P, 3]
+        out = torch.zeros_like(init)
+        near = (init > EMPTY_LOGIT).any(0).nonzero()[:, 0]
+        if near.numel():
+            sel = init[:, near]
+            refined = self.refine.decode(cam[None][:, :, near], sel[None], self.ctx, self.init.K,
+                                         self.feats, self.center)[0]  # fmt: skip
+            out[:, near] = torch.where(sel > EMPTY_LOGIT, refined - sel, torch.zeros_like(sel))
+        _sync(points_norm.device)
+        self.seconds += time.perf_counter() - t0
+        self.evaluated += int(near.numel()) * 2
+        return out
