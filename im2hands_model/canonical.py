@@ -165,9 +165,7 @@ def validate_joints(joints: Tensor) -> Tensor:
     return finite & (bone > min_len).all(-1) & (normal > min_len**2)
 
 
-_ALL_BONES: tuple[tuple[int, int], ...] = tuple(
-    (0, j[0]) for j in FINGER_JOINTS
-) + PART_BONES
+_ALL_BONES: tuple[tuple[int, int], ...] = tuple((0, j[0]) for j in FINGER_JOINTS) + PART_BONES
 
 
 def canonicalize(joints: Tensor, is_left: Tensor | bool = False) -> HandPose:

@@ -62,9 +62,7 @@ import yaml
 #: Config file written into the run folder.
 CONFIG_FILE = "config.yaml"
 
-INTERHAND_MESSAGE = (
-    "InterHand2.6M support arrives in a later release; use data.dataset=synthetic"
-)
+INTERHAND_MESSAGE = "InterHand2.6M support arrives in a later release; use data.dataset=synthetic"
 
 DEFAULTS: dict[str, Any] = {
     "stage": None,
@@ -194,9 +192,7 @@ def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
                 child = node[part] = {}
             elif not isinstance(child, dict):
                 where = ".".join(path[: i + 1])
-                raise ConfigError(
-                    f"bad override {item!r}: {where} is {child!r}, not a section"
-                )
+                raise ConfigError(f"bad override {item!r}: {where} is {child!r}, not a section")
             node = child
         leaf = path[-1]
         if isinstance(node.get(leaf), dict) and isinstance(value, dict):
@@ -311,8 +307,9 @@ def validate_config(cfg: dict, check_paths: bool = True) -> None:
 
     data = cfg["data"]
     if data.get("dataset") not in DATASETS:
-        errors.append(f"data.dataset must be one of {', '.join(DATASETS)}, not "
-                      f"{data.get('dataset')!r}")
+        errors.append(
+            f"data.dataset must be one of {', '.join(DATASETS)}, not {data.get('dataset')!r}"
+        )
     elif data["dataset"] == "interhand":
         errors.append(f"data.dataset=interhand: {INTERHAND_MESSAGE}")
     else:
@@ -361,11 +358,14 @@ def validate_config(cfg: dict, check_paths: bool = True) -> None:
             or not all(_is_num(b) and 0 <= b < 1 for b in betas)):  # fmt: skip
         errors.append(f"train.betas must be two numbers in [0, 1), not {betas!r}")
     if train.get("optimizer") not in OPTIMIZERS:
-        errors.append(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, not "
-                      f"{train.get('optimizer')!r}")
+        errors.append(
+            f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, not "
+            f"{train.get('optimizer')!r}"
+        )
     if train.get("device") not in DEVICES:
-        errors.append(f"train.device must be one of {', '.join(DEVICES)}, not "
-                      f"{train.get('device')!r}")
+        errors.append(
+            f"train.device must be one of {', '.join(DEVICES)}, not {train.get('device')!r}"
+        )
     tl = train.get("time_limit_min")
     if tl is not None and (not _is_num(tl) or tl <= 0):
         errors.append(f"train.time_limit_min must be a positive number or null, not {tl!r}")
@@ -391,8 +391,10 @@ def validate_config(cfg: dict, check_paths: bool = True) -> None:
             if key not in known_s:
                 errors.append(f"unknown key train.scheduler.{key}{_suggest(key, known_s)}")
         if sched.get("type") not in SCHEDULERS:
-            errors.append(f"train.scheduler.type must be one of {', '.join(SCHEDULERS)}, not "
-                          f"{sched.get('type')!r}")
+            errors.append(
+                f"train.scheduler.type must be one of {', '.join(SCHEDULERS)}, not "
+                f"{sched.get('type')!r}"
+            )
         ws = sched.get("warmup_steps")
         if not _is_int(ws) or ws < 0:
             errors.append(f"train.scheduler.warmup_steps must be an integer >= 0, not {ws!r}")

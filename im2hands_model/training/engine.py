@@ -260,9 +260,7 @@ class _Trainer:
         self.use_amp = bool(tc["amp"]) and self.device.type == "cuda"
         self.amp_dtype = torch.float32
         if self.use_amp:
-            self.amp_dtype = (
-                torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            )
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=self.use_amp and self.amp_dtype == torch.float16
         )
@@ -596,10 +594,9 @@ class _Trainer:
         loss = loss.reshape(())
         loss_value = float(loss.detach().float().item())
         terms_f = {str(k): _finite_float(v) for k, v in (terms or {}).items()}
-        time_up = (
-            tc["time_limit_min"] is not None
-            and (time.monotonic() - self._session_start) / 60.0 >= float(tc["time_limit_min"])
-        )
+        time_up = tc["time_limit_min"] is not None and (
+            time.monotonic() - self._session_start
+        ) / 60.0 >= float(tc["time_limit_min"])
         # one collective: every rank takes the same decisions
         nonfinite, sig, time_up = dist_utils.all_reduce_max_flags(
             [not math.isfinite(loss_value), self.stop_signal is not None, time_up], self.device

@@ -88,9 +88,7 @@ def check_stage_class(cls: object, name: str) -> None:
             f"missing {', '.join(missing)} (see im2hands_model.training.stages)"
         )
     if cls.best_mode not in ("max", "min"):
-        raise TypeError(
-            f"stage {name!r}: best_mode must be 'max' or 'min', not {cls.best_mode!r}"
-        )
+        raise TypeError(f"stage {name!r}: best_mode must be 'max' or 'min', not {cls.best_mode!r}")
 
 
 def _unknown(name: object) -> ConfigError:

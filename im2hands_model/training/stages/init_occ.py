@@ -113,9 +113,7 @@ class InitOccStage:
         """``[B, 2, N]`` nearest part of each point (left hands mirrored like the network's)."""
         poses = net.poses(joints)
         mirrored = [mirror_normalized(points[:, 0]), points[:, 1]]
-        return torch.stack(
-            [nearest_part(mirrored[h], poses[h].joints_norm) for h in range(2)], 1
-        )
+        return torch.stack([nearest_part(mirrored[h], poses[h].joints_norm) for h in range(2)], 1)
 
     @torch.no_grad()
     def validate(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, float]:

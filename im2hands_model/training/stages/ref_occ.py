@@ -279,9 +279,11 @@ class RefOccStage:
         w = present.to(mse.dtype)
         mse = (mse * w).sum() / w.sum().clamp_min(1.0)
         p = labels.shape[-1]
-        hand_of_query = torch.cat(
-            [torch.zeros(p, dtype=torch.long), torch.ones(p, dtype=torch.long)]
-        ).to(refined.device)[None].expand(refined.shape[0], -1)
+        hand_of_query = (
+            torch.cat([torch.zeros(p, dtype=torch.long), torch.ones(p, dtype=torch.long)])
+            .to(refined.device)[None]
+            .expand(refined.shape[0], -1)
+        )
         pen = penetration_loss(refined, hand_of_query, present)
         loss = mse + self.pen_weight * pen
         return loss, {"mse": float(mse.detach()), "penetration": float(pen.detach())}
