@@ -454,9 +454,14 @@ def mise_grid(
     device: torch.device | str | None = None,
     valid: Sequence[bool] | Tensor | None = None,
     dilate: bool = True,
+    dilate_final: bool = True,
 ) -> tuple[Grid, MeshingStats]:
     """The MISE evaluations of :func:`extract_meshes_with_stats` without the marching cubes:
-    ``(grid, stats)`` (same arguments)."""
+    ``(grid, stats)`` (same arguments).
+
+    ``dilate_final=False`` skips the one-cell dilation before the last split only: the coarser
+    levels have already caught thin parts, and the last level then evaluates about half as many
+    points (the inference pipeline's setting; the paper protocol dilates every level)."""
     _check_args(num_hands, resolution, threshold, box_half, max_points)
     if upsampling_steps < 0:
         raise ValueError(f"upsampling_steps must be >= 0, got {upsampling_steps}")
@@ -473,7 +478,8 @@ def mise_grid(
     for level in range(upsampling_steps + 1):
         t0 = time.perf_counter()
         if level > 0:
-            need = _active_points(values, threshold, dilate)
+            last = level == upsampling_steps
+            need = _active_points(values, threshold, dilate and (dilate_final or not last))
             values, known = _upsample(values, known)
             need &= ~known
             need &= ok_t

@@ -31,6 +31,7 @@ from im2hands_model.meshing import band_refined_grid, grid_meshes, mesh_to_camer
 from im2hands_model.pipeline.contacts import (
     DEFAULT_CONTACT_DISTANCE,
     DEFAULT_VOXEL_SIZE,
+    GridOccupancy,
     hand_contacts,
 )
 from im2hands_model.pipeline.frame import MAX_PIXELS, Frame
@@ -65,13 +66,15 @@ class PipelineConfig:
     Attributes:
         keypoint_source: ``learned`` (default), ``mediapipe`` (extra) or ``given`` (the caller
             passes ``keypoints=`` to every call).
-        refine_keypoints: run K.
+        refine_keypoints: run K (``None``: on for detected keypoints, off for the caller's,
+            which are taken as they are; K was trained to correct a detector's errors).
         use_image: I with query-image attention (False: keypoint-only HALO).
         refine_occupancy: run R.
         resolution: effective final grid cells per axis (``None``: 128 on CPU, 256 on GPU).
         coarse_resolution: MISE start grid (the paper's 32).
         threshold_i, threshold_r: iso-levels of I and R (paper: 0.5, 0.45).
         cull_parts: I evaluates each point's ``cull_parts`` nearest parts only (``None``: all 16).
+        dilate_final: dilate the active cells before the last MISE split too (paper protocol).
         refine_band_coarse: R's correction evaluated on the 2x coarser band and interpolated.
         contact_distance: metres; voxel_size: penetration volume voxels, metres.
         presence_threshold: predictor presence probability that counts as a hand.
@@ -80,7 +83,7 @@ class PipelineConfig:
     """
 
     keypoint_source: str = "learned"
-    refine_keypoints: bool = True
+    refine_keypoints: bool | None = None
     use_image: bool = True
     refine_occupancy: bool = True
     resolution: int | None = None
@@ -88,6 +91,7 @@ class PipelineConfig:
     threshold_i: float = 0.5
     threshold_r: float = 0.45
     cull_parts: int | None = 4
+    dilate_final: bool = False
     refine_band_coarse: bool = True
     contact_distance: float = DEFAULT_CONTACT_DISTANCE
     voxel_size: float = DEFAULT_VOXEL_SIZE
@@ -243,7 +247,7 @@ class Im2Hands:
         if not found.any:
             return self._empty(timer, t_start, "no hand found")
 
-        if cfg.refine_keypoints:
+        if cfg.refine_keypoints or (cfg.refine_keypoints is None and keypoints is None):
             t0 = timer.now()
             found = self._refine_keypoints(frame, found)
             timer.add("K", timer.now() - t0)
@@ -265,7 +269,9 @@ class Im2Hands:
             cfg.threshold_i,
             device=self.device,
             valid=found.present.tolist(),
+            dilate_final=cfg.dilate_final,
         )
+        final_grid, final_threshold = grid, cfg.threshold_i
         meshes = self._to_camera(grid_meshes(grid, cfg.threshold_i), found.joints)
         mesh_seconds = timer.now() - t0 - (init.seconds - encode_seconds)
         timer.add("I", init.seconds)
@@ -278,6 +284,7 @@ class Im2Hands:
             r_grid, _ = band_refined_grid(
                 grid, cfg.threshold_i, refined.delta, coarse=cfg.refine_band_coarse
             )
+            final_grid, final_threshold = r_grid, cfg.threshold_r
             meshes = self._to_camera(grid_meshes(r_grid, cfg.threshold_r), found.joints)
             elapsed = timer.now() - t0
             r_seconds = refined.seconds
@@ -291,7 +298,9 @@ class Im2Hands:
         timer.add("meshing", max(mesh_seconds, 0.0))
 
         t0 = timer.now()
-        contacts = hand_contacts(meshes, cfg.contact_distance, cfg.voxel_size)
+        rot, origin = root_frame(torch.as_tensor(found.joints, dtype=torch.float32))
+        occupancy = GridOccupancy(final_grid, final_threshold, rot, origin)
+        contacts = hand_contacts(meshes, cfg.contact_distance, cfg.voxel_size, occupancy)
         timer.add("contacts", timer.now() - t0)
 
         hands: list[HandResult | None] = []
