@@ -86,12 +86,17 @@ setup(
     extras_require={
         "ros": ROS_DISTRO_WHEELS,
         "mediapipe": ["mediapipe==0.10.14"],
-        "gpu": ["onnxruntime-gpu"],
-        "dev": ["pytest", "pytest-timeout", "ruff"],
+        # ONNX export (`onnx`, needed by torch's exporter) and the onnxruntime backend; `gpu`
+        # swaps in the CUDA build (install it into an environment without `onnxruntime`: the two
+        # wheels ship the same module)
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.17"],
+        "gpu": ["onnx>=1.16", "onnxruntime-gpu>=1.17"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "onnx>=1.16", "onnxruntime>=1.17"],
     },
     entry_points={
         "console_scripts": [
             "im2hands-data = im2hands_model.data.cli:main",
+            "im2hands = im2hands_model.cli:main",
         ],
     },
     classifiers=[

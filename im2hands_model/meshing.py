@@ -570,27 +570,45 @@ def _cell_corners(cells: Tensor) -> Tensor:
     return out
 
 
+def _padded_rows(mask: Tensor) -> tuple[list[Tensor], int]:
+    """Per hand, the flat indices of the True points of ``mask [H, n, n, n]`` and their maximum
+    count."""
+    flat = [mask[h].reshape(-1).nonzero().squeeze(1) for h in range(mask.shape[0])]
+    return flat, max((len(f) for f in flat), default=0)
+
+
+def _chunked(fn: Callable, inputs: list[Tensor], rows: int, max_points: int) -> Tensor:
+    """``fn(*[x[:, a:b] for x in inputs])`` over chunks of at most ``max_points`` rows, joined."""
+    parts = [fn(*[x[:, a : a + max_points] for x in inputs]) for a in range(0, rows, max_points)]
+    return torch.cat(parts, dim=1)
+
+
 @torch.no_grad()
 def band_refined_grid(
     grid: Grid,
     threshold: float,
-    delta_fn: OccupancyFn,
+    features_fn: Callable[[Tensor], Tensor],
+    head_fn: Callable[[Tensor, Tensor], Tensor],
     coarse: bool = True,
     dilation: int = 0,
     max_points: int = DEFAULT_MAX_POINTS,
 ) -> tuple[Grid, LevelStats]:
     """A refinement of a MISE grid evaluated only in a band around its surface.
 
-    The refined field is the grid's field plus a correction (in logits) that matters only near
-    the surface, as two-hand refinement R is: ``delta_fn(points [H, P, 3]) -> [H, P]`` gives
-    ``refined_logit - logit`` at box points. It is evaluated only at the corners of the cells
-    whose corners straddle ``threshold`` (dilated by ``dilation`` cells), and with ``coarse``
-    only at the corners of the 2x coarser cells holding them (about a quarter of the points),
-    then interpolated trilinearly onto the fine band. Outside the band the result is the grid's
-    inside/outside decision (0 or 1), so no spurious surface appears at a different iso-level.
+    For refinements like R whose output near the surface depends on the query through features
+    that vary smoothly in space and, sharply, only through the refined field itself:
+    ``features_fn(points [H, P, 3]) -> [H, P, C]`` (box points) and
+    ``head_fn(features [H, P, C], probabilities [H, P]) -> refined probabilities [H, P]``.
+
+    The band is the corners of the cells whose corners straddle ``threshold`` (dilated by
+    ``dilation`` cells). With ``coarse`` the features are computed only at the corners of the 2x
+    coarser cells that hold the band (about a quarter of the points) and interpolated
+    trilinearly; the head then runs at every band point with the grid's own probability there.
+    Outside the band the result is the grid's inside/outside decision (0 or 1), so no spurious
+    surface appears at a different iso-level.
 
     Returns:
-        ``(refined grid of probabilities, statistics of the evaluation)``; mesh it with
+        ``(refined grid of probabilities, statistics of the feature evaluation)``; mesh it with
         :func:`grid_meshes` at the refinement's own threshold.
     """
     t0 = time.perf_counter()
@@ -604,26 +622,54 @@ def band_refined_grid(
             cells = _dilate_axis(cells, dim)
     cells &= ok_t
     band = _cell_corners(cells)  # [H, n, n, n]
-    logit = torch.logit(values.clamp(1e-6, 1 - 1e-6))
     use_coarse = coarse and (n - 1) % 2 == 0 and n > 3
     if use_coarse:
         r = (n - 1) // 2
-        coarse_cells = cells.view(H, r, 2, r, 2, r, 2).any(6).any(4).any(2)
-        need = _cell_corners(coarse_cells)
-        nc = r + 1
+        need = _cell_corners(cells.view(H, r, 2, r, 2, r, 2).any(6).any(4).any(2))
+        nc, spacing = r + 1, 2.0 * grid.spacing
     else:
-        need, nc = band, n
-    delta = torch.zeros((H, nc, nc, nc), dtype=torch.float32, device=dev)
-    unused = torch.zeros_like(delta, dtype=torch.bool)
-    spacing = 2.0 * grid.box_half / (nc - 1)
-    counts, padded, calls = _evaluate(
-        delta_fn, delta, unused, need, spacing, grid.box_half, max_points, grid.valid
-    )
+        need, nc, spacing = band, n, grid.spacing
+    refined = (values >= threshold).float()
+
+    # features at the (coarse) band points
+    flat_c, rows_c = _padded_rows(need)
+    fine_idx, rows_f = _padded_rows(band)
+    if rows_c == 0 or rows_f == 0:
+        return Grid(refined, band, list(grid.valid), grid.box_half), LevelStats(
+            -1, nc, [0] * H, 0, 0, time.perf_counter() - t0
+        )
+    pad_c = torch.stack([torch.cat([f, f.new_zeros(rows_c - len(f))]) for f in flat_c])
+    ijk = torch.stack((pad_c // (nc * nc), (pad_c // nc) % nc, pad_c % nc), -1)
+    feats = _chunked(features_fn, [ijk.float() * spacing - grid.box_half], rows_c, max_points)
+    lookup = torch.zeros((H, nc**3), dtype=torch.long, device=dev)
+    for h, f in enumerate(flat_c):
+        lookup[h, f] = torch.arange(len(f), device=dev)
+
+    # interpolated features and the head at the fine band points
+    pad_f = torch.stack([torch.cat([f, f.new_zeros(rows_f - len(f))]) for f in fine_idx])
+    ijk = torch.stack((pad_f // (n * n), (pad_f // n) % n, pad_f % n), -1)  # [H, Pf, 3]
     if use_coarse:
-        delta, _ = _upsample(delta, unused)
-    refined = torch.where(band, torch.sigmoid(logit + delta), (values >= threshold).float())
+        lo, hi = ijk // 2, (ijk + 1) // 2
+        corner_feats = 0.0
+        for cx in (lo[..., 0], hi[..., 0]):
+            for cy in (lo[..., 1], hi[..., 1]):
+                for cz in (lo[..., 2], hi[..., 2]):
+                    row = torch.gather(lookup, 1, (cx * nc + cy) * nc + cz)  # [H, Pf]
+                    corner_feats = corner_feats + torch.gather(
+                        feats, 1, row[..., None].expand(-1, -1, feats.shape[-1])
+                    )
+        fine_feats = corner_feats / 8.0
+    else:
+        row = torch.gather(lookup, 1, pad_f)
+        fine_feats = torch.gather(feats, 1, row[..., None].expand(-1, -1, feats.shape[-1]))
+    probs = torch.gather(values.view(H, -1), 1, pad_f)
+    out = _chunked(head_fn, [fine_feats, probs], rows_f, max_points)
+    flat_refined = refined.view(H, -1)
+    for h, f in enumerate(fine_idx):
+        flat_refined[h, f] = out[h, : len(f)].float()
     _sync(dev)
-    stats = LevelStats(-1, nc, counts, padded, calls, time.perf_counter() - t0)
+    counts = [len(f) for f in flat_c]
+    stats = LevelStats(-1, nc, counts, rows_c, -(-rows_c // max_points), time.perf_counter() - t0)
     return Grid(refined, band, list(grid.valid), grid.box_half), stats
 
 

@@ -350,8 +350,12 @@ class TwoHandInitialOccupancy(nn.Module):
         present: Tensor | None = None,
         poses: list[HandPose] | None = None,
         return_parts: bool = False,
+        hand: int | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits ``[B, 2, Q]`` at points ``[B, 2, Q, 3]`` in each hand's own normalised space.
+
+        With ``hand`` (0 or 1) only that hand's network runs; the other row is
+        :data:`EMPTY_LOGIT`.
 
         With :attr:`skip_distance` set (inference only; metres), points farther than that from every
         bone are not run through the network and get :data:`EMPTY_LOGIT`: most of a meshing grid
@@ -365,6 +369,10 @@ class TwoHandInitialOccupancy(nn.Module):
         poses = poses or self.poses(joints)
         out, parts_out = [], []
         for h, pose in enumerate(poses):
+            if hand is not None and h != hand:
+                out.append(points_norm.new_full(points_norm.shape[:1] + points_norm.shape[2:3],
+                                                EMPTY_LOGIT))  # fmt: skip
+                continue
             p = points_norm[:, h]
             if h == 0:  # the left hand's network sees it mirrored into a right hand
                 p = mirror_normalized(p)

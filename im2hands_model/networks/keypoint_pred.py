@@ -205,7 +205,7 @@ class KeypointPredictor(nn.Module):
         if b == 0:
             raise ValueError("empty batch")
         if self.input_size is not None and W != self.input_size:
-            h_in = max(1, round(H * self.input_size / W))
+            h_in = max(1, round(int(H) * self.input_size / int(W)))  # int: plain sizes in traces
             small = F.interpolate(image, size=(h_in, self.input_size), mode="bilinear",
                                   align_corners=False, antialias=True)  # fmt: skip
             feats = self.encoder(small)

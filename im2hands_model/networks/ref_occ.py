@@ -57,6 +57,7 @@ from im2hands_model.networks.backbone import ImageFeatures, pixel_aligned
 from im2hands_model.networks.point_ops import farthest_point_sample, gather_points, knn
 
 __all__ = [
+    "AnchorGraph",
     "RefinementContext",
     "TwoHandRefinement",
     "penetration_loss",
@@ -80,6 +81,29 @@ class RefinementContext:
     features: Tensor
     latent: Tensor
     present: Tensor
+
+
+@dataclass
+class AnchorGraph:
+    """Neighbourhoods of the anchors at the encoder's three levels: int64 index tensors only,
+    for ``M = 2B`` clouds of ``A`` anchors (:meth:`TwoHandRefinement.anchor_graph`).
+
+    Attributes:
+        knn0: ``[M, A, k]`` kNN within level 0.
+        down1, pool1: level 1 = the ``[M, A/2]`` farthest-point samples of level 0, and each
+            sample's kNN ``[M, A/2, k]`` in level 0 (max-pooled into it).
+        knn1: ``[M, A/2, k]`` kNN within level 1.
+        down2, pool2: the same from level 1 to level 2 (``A/4``).
+        knn2: ``[M, A/4, k]`` kNN within level 2.
+    """
+
+    knn0: Tensor
+    down1: Tensor
+    pool1: Tensor
+    knn1: Tensor
+    down2: Tensor
+    pool2: Tensor
+    knn2: Tensor
 
 
 def _mlp(*sizes: int, last_act: bool = False) -> nn.Sequential:
@@ -151,14 +175,24 @@ class TransitionDown(nn.Module):
         self.k = k
         self.mlp = _mlp(in_dim + 3, out_dim, out_dim, last_act=True)
 
-    def forward(self, x: Tensor, pos: Tensor, num: int) -> tuple[Tensor, Tensor]:
-        """``x [M, N, C]``, ``pos [M, N, 3]`` -> ``(x' [M, num, C'], pos' [M, num, 3])``."""
+    def indices(self, pos: Tensor, num: int) -> tuple[Tensor, Tensor]:
+        """The step's geometry (no weights): ``(sel [M, num], idx [M, num, k])``, the
+        farthest-point samples of ``pos [M, N, 3]`` and each sample's neighbours in ``pos``."""
         sel = farthest_point_sample(pos, num)
+        _, idx = knn(gather_points(pos, sel), pos, min(self.k, pos.shape[1]))
+        return sel, idx
+
+    def pool(self, x: Tensor, pos: Tensor, sel: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """The learned step on given :meth:`indices`: ``(x' [M, num, C'], pos' [M, num, 3])``."""
         new_pos = gather_points(pos, sel)
-        _, idx = knn(new_pos, pos, min(self.k, pos.shape[1]))
         rel = gather_points(pos, idx) - new_pos[:, :, None, :]
         feats = self.mlp(torch.cat([rel, gather_points(x, idx)], dim=-1))
         return feats.max(dim=2).values, new_pos
+
+    def forward(self, x: Tensor, pos: Tensor, num: int) -> tuple[Tensor, Tensor]:
+        """``x [M, N, C]``, ``pos [M, N, 3]`` -> ``(x' [M, num, C'], pos' [M, num, 3])``."""
+        sel, idx = self.indices(pos, num)
+        return self.pool(x, pos, sel, idx)
 
 
 class GlobalAttentionBlock(nn.Module):
@@ -295,6 +329,7 @@ class TwoHandRefinement(nn.Module):
         K: Tensor,
         feats: ImageFeatures | None,
         center: Tensor,
+        graph: AnchorGraph | None = None,
     ) -> RefinementContext:
         """Encode both hands' anchors and the image once.
 
@@ -304,6 +339,8 @@ class TwoHandRefinement(nn.Module):
             K: ``[B, 3, 3]`` crop intrinsics.
             feats: R's own image features (``None`` = no image: zero features).
             center: ``[B, 3]`` common centre (camera frame, metres).
+            graph: the anchors' :meth:`anchor_graph`, when the caller computed it already
+                (the ONNX export passes it in: farthest-point sampling is a loop).
 
         Returns:
             :class:`RefinementContext`.
@@ -324,6 +361,10 @@ class TwoHandRefinement(nn.Module):
         # Absent hands: anchors at the centre (normalised zero), so nothing downstream is NaN.
         cam = torch.where(p, anchors, center[:, None, None, :].to(anchors.dtype))
         pos = self._normalize(cam, center)  # [B, 2, A, 3]
+        m = b * 2
+        pos0 = pos.reshape(m, a, 3)
+        if graph is None:
+            graph = self.anchor_graph(pos0)
 
         pix = self._pixel_features(feats, cam.reshape(b, 2 * a, 3), K)
         pix = pix.reshape(b, 2, a, self.image_channels)
@@ -331,18 +372,13 @@ class TwoHandRefinement(nn.Module):
         onehot = onehot.expand(b, 2, a, 2)
         x = self.anchor_in(torch.cat([pix, onehot], dim=-1)) + self.anchor_pos(pos)
 
-        m = b * 2
         x = x.reshape(m, a, self.dims[0])
-        pos0 = pos.reshape(m, a, 3)
-        _, idx0 = knn(pos0, pos0, min(self.k_enc, a))
-        f0 = self.enc0(x, pos0, idx0)
+        f0 = self.enc0(x, pos0, graph.knn0)
 
-        x1, pos1 = self.down1(f0, pos0, a // 2)
-        _, idx1 = knn(pos1, pos1, min(self.k_enc, pos1.shape[1]))
-        x1 = self.enc1(x1, pos1, idx1)
-        x2, pos2 = self.down2(x1, pos1, a // 4)
-        _, idx2 = knn(pos2, pos2, min(self.k_enc, pos2.shape[1]))
-        x2 = self.enc2(x2, pos2, idx2)
+        x1, pos1 = self.down1.pool(f0, pos0, graph.down1, graph.pool1)
+        x1 = self.enc1(x1, pos1, graph.knn1)
+        x2, pos2 = self.down2.pool(x1, pos1, graph.down2, graph.pool2)
+        x2 = self.enc2(x2, pos2, graph.knn2)
         for block in self.global_blocks:
             x2 = block(x2)
         code = x2.max(dim=1).values.reshape(b, 2, self.dims[2])
@@ -354,6 +390,20 @@ class TwoHandRefinement(nn.Module):
             anchors=pos, features=f0.reshape(b, 2, a, self.dims[0]), latent=latent, present=present
         )
 
+    def anchor_graph(self, pos: Tensor) -> AnchorGraph:
+        """The encoder's neighbourhoods of normalised anchors ``pos [M, A, 3]`` (one cloud per
+        hand, ``M = 2B``): kNN at every level and the farthest-point samples between levels.
+        Geometry only, no weights (see :class:`AnchorGraph`)."""
+        a = pos.shape[1]
+        _, knn0 = knn(pos, pos, min(self.k_enc, a))
+        down1, pool1 = self.down1.indices(pos, a // 2)
+        pos1 = gather_points(pos, down1)
+        _, knn1 = knn(pos1, pos1, min(self.k_enc, pos1.shape[1]))
+        down2, pool2 = self.down2.indices(pos1, a // 4)
+        pos2 = gather_points(pos1, down2)
+        _, knn2 = knn(pos2, pos2, min(self.k_enc, pos2.shape[1]))
+        return AnchorGraph(knn0, down1, pool1, knn1, down2, pool2, knn2)
+
     # ------------------------------------------------------------------ decoder
     def decode(
         self,
@@ -363,6 +413,9 @@ class TwoHandRefinement(nn.Module):
         K: Tensor,
         feats: ImageFeatures | None,
         center: Tensor,
+        hand: int | None = None,
+        neighbours: Tensor | None = None,
+        return_features: bool = False,
     ) -> Tensor:
         """Refined logits of both hands at the queries.
 
@@ -374,14 +427,27 @@ class TwoHandRefinement(nn.Module):
             ctx: from :meth:`encode_context` (same ``center``).
             K: ``[B, 3, 3]``; feats: the same image features as for the context.
             center: ``[B, 3]``.
+            hand: score only this hand (0 or 1): ``queries [B, 1, Q, 3]``,
+                ``init_logits [B, 1, Q]``, result ``[B, 1, Q]``.
+            neighbours: each query's ``k_dec`` nearest anchors of its hand ``[B * H, Q, k]``
+                (``H`` hands scored), when the caller computed them already (the ONNX export
+                passes them in); ``None``: computed here.
+            return_features: return the smooth decoder features ``[B, H, Q, D]`` instead,
+                for :meth:`decode_head`.
 
         Returns:
             ``[B, 2, Q]`` refined logits (= ``init_logits`` for absent hands).
         """
+        if hand is not None:
+            sl = slice(hand, hand + 1)
+            ctx = RefinementContext(
+                ctx.anchors[:, sl], ctx.features[:, sl], ctx.latent[:, sl], ctx.present[:, sl]
+            )
+        nh = ctx.latent.shape[1]
         per_hand = queries.dim() == 4
         b, q = queries.shape[0], queries.shape[-2]
-        shape = (b, 2, q, 3) if per_hand else (b, q, 3)
-        if queries.shape != shape or init_logits.shape != (b, 2, q):
+        shape = (b, nh, q, 3) if per_hand else (b, q, 3)
+        if queries.shape != shape or init_logits.shape != (b, nh, q):
             raise ValueError(
                 f"queries [B, Q, 3] or [B, 2, Q, 3] and init_logits [B, 2, Q] expected, got "
                 f"{tuple(queries.shape)} and {tuple(init_logits.shape)}"
@@ -393,30 +459,47 @@ class TwoHandRefinement(nn.Module):
         if not bool(torch.isfinite(queries).all()):
             raise ValueError("queries contain NaN/inf")
         a = ctx.anchors.shape[2]
-        m = b * 2
-        qpos = self._normalize(queries, center)  # [B, Q, 3] or [B, 2, Q, 3]
-        qpos2 = (qpos if per_hand else qpos[:, None].expand(b, 2, q, 3)).reshape(m, q, 3)
+        m = b * nh
+        qpos = self._normalize(queries, center)  # [B, Q, 3] or [B, nh, Q, 3]
+        qpos2 = (qpos if per_hand else qpos[:, None].expand(b, nh, q, 3)).reshape(m, q, 3)
         apos = ctx.anchors.reshape(m, a, 3)
-        _, idx = knn(qpos2, apos, min(self.k_dec, a))  # [M, Q, k]
+        if neighbours is None:
+            _, idx = knn(qpos2, apos, min(self.k_dec, a))  # [M, Q, k]
+        else:
+            idx = neighbours
 
         latent = ctx.latent  # [B, 2, L]
-        tok = self.query_pos(qpos2).reshape(b, 2, q, -1) + self.query_latent(latent)[:, :, None]
+        tok = self.query_pos(qpos2).reshape(b, nh, q, -1) + self.query_latent(latent)[:, :, None]
         tok = tok.reshape(m, q, -1)
         att = self.cross(tok, qpos2, ctx.features.reshape(m, a, self.dims[0]), apos, idx)
-        h_att = self.cross_norm(tok + att).reshape(b, 2, q, -1)
+        h_att = self.cross_norm(tok + att).reshape(b, nh, q, -1)
 
         if per_hand:
-            pix = self._pixel_features(feats, queries.reshape(b, 2 * q, 3), K)
-            pix = self.dec_pix(pix).reshape(b, 2, q, -1)
+            pix = self._pixel_features(feats, queries.reshape(b, nh * q, 3), K)
+            pix = self.dec_pix(pix).reshape(b, nh, q, -1)
         else:  # [B, Q, C], shared by both hands
             pix = self.dec_pix(self._pixel_features(feats, queries, K))[:, None]
-        occ = torch.sigmoid(init_logits.detach()).to(h_att.dtype)[..., None]  # [B, 2, Q, 1]
-        h = self.dec_att(h_att) + self.dec_latent(latent)[:, :, None] + pix + self.dec_occ(occ)
+        smooth = self.dec_att(h_att) + self.dec_latent(latent)[:, :, None] + pix
+        if return_features:
+            return smooth
+        return self.decode_head(smooth, init_logits, ctx.present)
+
+    def decode_head(self, features: Tensor, init_logits: Tensor, present: Tensor) -> Tensor:
+        """The decoder's last layers: features ``[B, H, Q, D]`` from ``decode(...,
+        return_features=True)`` and I's logits ``[B, H, Q]`` -> refined logits ``[B, H, Q]``.
+
+        Everything before this point varies smoothly with the query's position (attention over
+        nearby anchors, bilinear image features); only I's occupancy enters sharply, here. So
+        the features may be interpolated between nearby queries (the pipeline evaluates them
+        on a coarser grid) while this head runs at every query.
+        """
+        occ = torch.sigmoid(init_logits.detach()).to(features.dtype)[..., None]  # [B, H, Q, 1]
+        h = features + self.dec_occ(occ)
         for block in self.dec_blocks:
             h = block(h)
-        delta = self.dec_out(F.relu(h))[..., 0]  # [B, 2, Q]
+        delta = self.dec_out(F.relu(h))[..., 0]  # [B, H, Q]
         out = init_logits + delta.to(init_logits.dtype)
-        return torch.where(ctx.present[:, :, None], out, init_logits)
+        return torch.where(present[:, :, None], out, init_logits)
 
     def forward(
         self,

@@ -28,7 +28,7 @@ __all__ = ["LearnedKeypoints", "crop_around", "crop_tensor", "given_keypoints"]
 def crop_tensor(frame: Frame, window: CropWindow, device: torch.device) -> tuple:
     """``(image [1, 3, S, S] float in [0, 1], K [1, 3, 3])`` of a crop window of the frame."""
     crop = crop_image(frame.rgb, window)
-    image = torch.from_numpy(crop).to(device).permute(2, 0, 1)[None].float().div_(255.0)
+    image = torch.from_numpy(np.array(crop)).to(device).permute(2, 0, 1)[None].float().div_(255.0)
     K = torch.as_tensor(window.intrinsics(frame.K), dtype=torch.float32, device=device)[None]
     return image, K
 
@@ -51,7 +51,8 @@ class LearnedKeypoints:
 
     @torch.no_grad()
     def __call__(self, frame: Frame) -> Keypoints:
-        device = next(self.predictor.parameters()).device
+        # torch modules: their parameters' device; ONNX Runtime drop-ins: their ``device``
+        device = getattr(self.predictor, "device", None) or next(self.predictor.parameters()).device
         window = CropWindow.whole(frame.width, frame.height)
         for _ in range(self.passes):
             image, K = crop_tensor(frame, window, device)

@@ -42,6 +42,7 @@ from im2hands_model.pipeline.keypoints import (
     given_keypoints,
 )
 from im2hands_model.pipeline.occupancy import InitialField, RefinedField
+from im2hands_model.pipeline.reference import reference_meshes
 from im2hands_model.pipeline.result import (
     HAND_NAMES,
     ContactReport,
@@ -75,7 +76,10 @@ class PipelineConfig:
         threshold_i, threshold_r: iso-levels of I and R (paper: 0.5, 0.45).
         cull_parts: I evaluates each point's ``cull_parts`` nearest parts only (``None``: all 16).
         dilate_final: dilate the active cells before the last MISE split too (paper protocol).
-        refine_band_coarse: R's correction evaluated on the 2x coarser band and interpolated.
+        reference: run the occupancy stages by the paper protocol instead (slow; for the
+            benchmark, :mod:`~im2hands_model.pipeline.reference`).
+        refine_band_coarse: R's smooth decoder features evaluated on the 2x coarser band and
+            interpolated (:func:`~im2hands_model.meshing.band_refined_grid`).
         contact_distance: metres; voxel_size: penetration volume voxels, metres.
         presence_threshold: predictor presence probability that counts as a hand.
         max_pixels: largest accepted image.
@@ -92,6 +96,7 @@ class PipelineConfig:
     threshold_r: float = 0.45
     cull_parts: int | None = 4
     dilate_final: bool = False
+    reference: bool = False
     refine_band_coarse: bool = True
     contact_distance: float = DEFAULT_CONTACT_DISTANCE
     voxel_size: float = DEFAULT_VOXEL_SIZE
@@ -133,6 +138,21 @@ class _Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+class _Crop:
+    """The crop the occupancy stages see, with the keypoints as tensors and the root frames."""
+
+    def __init__(self, image: torch.Tensor, K: torch.Tensor, keypoints: Keypoints,
+                 device: torch.device) -> None:  # fmt: skip
+        self.image, self.K, self.keypoints = image, K, keypoints
+        self.joints = torch.as_tensor(keypoints.joints, device=device)[None]
+        self.present = torch.as_tensor(keypoints.present, device=device)[None]
+        self.rot, self.origin = root_frame(torch.as_tensor(keypoints.joints, dtype=torch.float32))
+
+    def to_camera(self, meshes: list) -> list:
+        """Meshes from each hand's normalised box to the camera frame."""
+        return [mesh_to_camera(m, self.rot[h], self.origin[h]) for h, m in enumerate(meshes)]
 
 
 class Im2Hands:
@@ -253,72 +273,86 @@ class Im2Hands:
             timer.add("K", timer.now() - t0)
 
         window = crop_around(found, frame)
-        image_t, K_t = crop_tensor(frame, window, self.device)
-        joints = torch.as_tensor(found.joints, device=self.device)[None]
-        present = torch.as_tensor(found.present, device=self.device)[None]
-
-        init_net = self.nets["ref_occ"].init if cfg.use_image else self.nets["halo"]
-        init = InitialField(init_net, image_t, K_t, joints, present)
-        encode_seconds = init.seconds
-        t0 = timer.now()
-        grid, stats = mise_grid(
-            init,
-            2,
-            cfg.coarse_resolution,
-            int(round(math.log2(self.resolution / cfg.coarse_resolution))),
-            cfg.threshold_i,
-            device=self.device,
-            valid=found.present.tolist(),
-            dilate_final=cfg.dilate_final,
-        )
-        final_grid, final_threshold = grid, cfg.threshold_i
-        meshes = self._to_camera(grid_meshes(grid, cfg.threshold_i), found.joints)
-        mesh_seconds = timer.now() - t0 - (init.seconds - encode_seconds)
-        timer.add("I", init.seconds)
-        queries = {"I": init.evaluated}
-
-        if cfg.refine_occupancy and cfg.use_image and any(m is not None for m in meshes):
-            refined = RefinedField(self.nets["ref_occ"], init, image_t, meshes, cfg.seed)
-            init_before = init.seconds
-            t0 = timer.now()
-            r_grid, _ = band_refined_grid(
-                grid, cfg.threshold_i, refined.delta, coarse=cfg.refine_band_coarse
-            )
-            final_grid, final_threshold = r_grid, cfg.threshold_r
-            meshes = self._to_camera(grid_meshes(r_grid, cfg.threshold_r), found.joints)
-            elapsed = timer.now() - t0
-            r_seconds = refined.seconds
-            # R's own time includes I's logits at its queries: count those under I
-            i_inside = init.seconds - init_before
-            mesh_seconds += elapsed - (r_seconds - refined.encode_seconds)
-            r_seconds -= i_inside
-            timer.add("R", r_seconds)
-            timer.add("I", i_inside)
-            queries["R"] = refined.evaluated
-        timer.add("meshing", max(mesh_seconds, 0.0))
+        crop = _Crop(*crop_tensor(frame, window, self.device), found, self.device)
+        if cfg.reference:
+            meshes, occupancy, queries = self._reference_occupancy(crop, timer)
+        else:
+            meshes, occupancy, queries = self._occupancy(crop, timer)
 
         t0 = timer.now()
-        rot, origin = root_frame(torch.as_tensor(found.joints, dtype=torch.float32))
-        occupancy = GridOccupancy(final_grid, final_threshold, rot, origin)
         contacts = hand_contacts(meshes, cfg.contact_distance, cfg.voxel_size, occupancy)
         timer.add("contacts", timer.now() - t0)
 
-        hands: list[HandResult | None] = []
-        for h, name in enumerate(HAND_NAMES):
-            if not found.present[h] or meshes[h] is None:
-                hands.append(None)
-                continue
-            hands.append(
-                HandResult(
-                    name, meshes[h].to_trimesh(), found.joints[h].copy(), float(found.confidence[h])
-                )  # fmt: skip
-            )
+        hands: list[HandResult | None] = [
+            HandResult(
+                name, meshes[h].to_trimesh(), found.joints[h].copy(), float(found.confidence[h])
+            )  # fmt: skip
+            if found.present[h] and meshes[h] is not None
+            else None
+            for h, name in enumerate(HAND_NAMES)
+        ]
         timer.add("total", timer.now() - t_start)
         message = "" if any(hands) else "hands found, but no surface extracted"
         return Reconstruction(
             hands, contacts, timer.ms, queries, window.intrinsics(frame.K),
             (window.x0, window.y0, window.side), message,
         )  # fmt: skip
+
+    def _occupancy(self, crop: _Crop, timer: _Timer) -> tuple[list, GridOccupancy, dict]:
+        """I, then R, meshed fast: ``(camera-frame meshes, their grid, queries per stage)``.
+
+        Time is booked per stage: network time (encoders and queries) under ``I`` / ``R``, the
+        rest of the extraction (grid bookkeeping, marching cubes, anchors) under ``meshing``.
+        """
+        cfg = self.config
+        t_start = timer.now()
+        init_net = self.nets["ref_occ"].init if cfg.use_image else self.nets["halo"]
+        init = InitialField(init_net, crop.image, crop.K, crop.joints, crop.present)
+        steps = int(round(math.log2(self.resolution / cfg.coarse_resolution)))
+        grid, _ = mise_grid(
+            init, 2, cfg.coarse_resolution, steps, cfg.threshold_i, device=self.device,
+            valid=crop.keypoints.present.tolist(), dilate_final=cfg.dilate_final,
+        )  # fmt: skip
+        threshold = cfg.threshold_i
+        meshes = crop.to_camera(grid_meshes(grid, threshold))
+        queries = {"I": init.evaluated}
+        network = {"I": init.seconds, "R": 0.0}
+        if cfg.refine_occupancy and cfg.use_image and any(m is not None for m in meshes):
+            before = init.seconds
+            refined = RefinedField(self.nets["ref_occ"], init, crop.image, meshes, cfg.seed)
+            grid, _ = band_refined_grid(
+                grid, cfg.threshold_i, refined.features, refined.head, cfg.refine_band_coarse
+            )
+            threshold = cfg.threshold_r
+            meshes = crop.to_camera(grid_meshes(grid, threshold))
+            inside_r = init.seconds - before  # I's logits at R's queries: booked under I
+            network["I"] += inside_r
+            network["R"] = refined.seconds - inside_r
+            queries["R"] = refined.evaluated
+        for stage, seconds in network.items():
+            if seconds:
+                timer.add(stage, seconds)
+        timer.add("meshing", max(timer.now() - t_start - sum(network.values()), 0.0))
+        return meshes, GridOccupancy(grid, threshold, crop.rot, crop.origin), queries
+
+    def _reference_occupancy(self, crop: _Crop, timer: _Timer) -> tuple[list, None, dict]:
+        """The paper protocol (:mod:`~im2hands_model.pipeline.reference`); contacts then test
+        the meshes themselves."""
+        cfg = self.config
+        t_start = timer.now()
+        init_net = self.nets["ref_occ"].init if cfg.use_image else self.nets["halo"]
+        refined = self.nets["ref_occ"] if cfg.refine_occupancy and cfg.use_image else None
+        meshes, queries, seconds = reference_meshes(
+            init_net, refined, crop.image, crop.K, crop.joints, crop.present,
+            cfg.threshold_i, cfg.threshold_r, cfg.seed,
+        )  # fmt: skip
+        timer.add("I", seconds["I"])
+        if refined is not None:
+            timer.add("R", seconds["R"])
+        else:
+            queries.pop("R")
+        timer.add("meshing", max(timer.now() - t_start - sum(seconds.values()), 0.0))
+        return meshes, None, queries
 
     # ------------------------------------------------------------------ stages
     def _keypoints(self, frame: Frame, keypoints: Any) -> Keypoints:
@@ -345,11 +379,6 @@ class Im2Hands:
         out = replace(found, joints=np.where(found.present[:, None, None], refined, found.joints))
         out.joints_2d = None
         return given_keypoints(out, frame)
-
-    @staticmethod
-    def _to_camera(meshes: list, joints: np.ndarray) -> list:
-        rot, origin = root_frame(torch.as_tensor(joints, dtype=torch.float32))
-        return [mesh_to_camera(m, rot[h], origin[h]) for h, m in enumerate(meshes)]
 
     def _empty(self, timer: _Timer, t_start: float, message: str) -> Reconstruction:
         timer.add("total", timer.now() - t_start)

@@ -5,9 +5,11 @@
   attention over the patch tokens), evaluated for points near the hand's bones and, with part
   culling, only for each point's nearest parts.
 * :class:`RefinedField` -- two-hand refinement R on top of an :class:`InitialField`: anchors are
-  sampled evenly on I's meshes, R's image encoder and anchor encoder run once, and each query
-  costs one decoder pass for its own hand; I's logit at the query comes from the same I (never a
-  second copy of I's encoder).
+  sampled evenly on I's meshes, R's image encoder and anchor encoder run once; then R's decoder
+  is split (:func:`~im2hands_model.meshing.band_refined_grid`) into its smooth part (attention
+  over nearby anchors, image features), evaluated for each hand at its own points on a coarse
+  band around I's surface, and its head, run at every fine band point with I's probability
+  from I's meshing grid (I is never evaluated again).
 
 Both take points ``[2, P, 3]`` in each hand's own (unmirrored) normalised space, the mesher's
 coordinates (:mod:`im2hands_model.meshing`), and count evaluated points and network time.
@@ -23,7 +25,6 @@ from torch import Tensor
 
 from im2hands_model.hands import from_normalized
 from im2hands_model.metrics import sample_surface_points
-from im2hands_model.networks.init_occ import EMPTY_LOGIT
 
 __all__ = ["InitialField", "RefinedField"]
 
@@ -109,23 +110,27 @@ class RefinedField:
         _sync(device)
         self.seconds = self.encode_seconds = time.perf_counter() - t0
 
-    def delta(self, points_norm: Tensor) -> Tensor:
-        """``refined - initial`` logits ``[2, P]`` of each hand at its own points ``[2, P, 3]``
-        (0 where I says the point is far from the hand: R is not run there)."""
+    def features(self, points_norm: Tensor) -> Tensor:
+        """R's smooth decoder features ``[2, P, D]`` of each hand at its own points ``[2, P, 3]``
+        (see ``TwoHandRefinement.decode_head``)."""
         t0 = time.perf_counter()
-        init = self.init.logits(points_norm)  # [2, P]
         poses = self.init.poses
         cam = torch.cat(
             [from_normalized(points_norm[h][None], poses[h].rot, poses[h].origin) for h in (0, 1)]
         )  # [2, P, 3]
-        out = torch.zeros_like(init)
-        near = (init > EMPTY_LOGIT).any(0).nonzero()[:, 0]
-        if near.numel():
-            sel = init[:, near]
-            refined = self.refine.decode(cam[None][:, :, near], sel[None], self.ctx, self.init.K,
-                                         self.feats, self.center)[0]  # fmt: skip
-            out[:, near] = torch.where(sel > EMPTY_LOGIT, refined - sel, torch.zeros_like(sel))
+        dummy = cam.new_zeros(1, 2, cam.shape[1])
+        out = self.refine.decode(cam[None], dummy, self.ctx, self.init.K, self.feats, self.center,
+                                 return_features=True)[0]  # fmt: skip
         _sync(points_norm.device)
         self.seconds += time.perf_counter() - t0
-        self.evaluated += int(near.numel()) * 2
+        self.evaluated += int(cam.shape[0] * cam.shape[1])
+        return out
+
+    def head(self, features: Tensor, init_probs: Tensor) -> Tensor:
+        """Refined probabilities ``[2, P]`` from :meth:`features` and I's probabilities."""
+        t0 = time.perf_counter()
+        logits = torch.logit(init_probs.clamp(1e-6, 1.0 - 1e-6))
+        out = torch.sigmoid(self.refine.decode_head(features[None], logits[None], self.present)[0])
+        _sync(features.device)
+        self.seconds += time.perf_counter() - t0
         return out

@@ -1,0 +1,241 @@
+"""The ``im2hands`` command: ``reconstruct`` an image, ``bench`` the pipeline, ``export-onnx``.
+
+    im2hands reconstruct IMAGE [--camera-info FILE.yaml | --fx F --fy F --cx C --cy C] -o OUT
+    im2hands bench [--frames N] [--device cpu|cuda] [--json FILE]
+    im2hands export-onnx OUT_DIR
+
+``reconstruct`` writes ``left.ply`` / ``right.ply`` (the hands it found), ``keypoints.json``,
+``contacts.json`` and ``overlay.png`` into OUT; it exits with status 1 and says so when no hand is
+found, and 2 on unusable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["default_intrinsics", "main", "read_camera_info"]
+
+
+def read_camera_info(path: str | Path) -> np.ndarray:
+    """``[3, 3]`` intrinsics from a camera YAML file.
+
+    Accepts the ROS ``camera_calibration`` format (``camera_matrix: {data: [9 numbers]}``), a
+    dumped ``sensor_msgs/CameraInfo`` (``k:`` or ``K:``, 9 numbers) or a plain 3x3 list.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"camera info file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {exc}") from exc
+    values: Any = None
+    if isinstance(data, dict):
+        if isinstance(data.get("camera_matrix"), dict):
+            values = data["camera_matrix"].get("data")
+        else:
+            values = data.get("k", data.get("K"))
+    elif isinstance(data, list):
+        values = data
+    try:
+        K = np.asarray(values, dtype=np.float64).reshape(3, 3)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{path}: no 3x3 camera matrix found (expected camera_matrix.data, k or K)"
+        ) from None
+    return K
+
+
+def default_intrinsics(width: int, height: int) -> np.ndarray:
+    """A guess for an unknown camera: focal length = the longer image side (about 53 degrees
+    across it), principal point at the centre."""
+    f = float(max(width, height))
+    return np.array([[f, 0.0, width / 2.0], [0.0, f, height / 2.0], [0.0, 0.0, 1.0]])
+
+
+def _model(args: argparse.Namespace, **config: Any):
+    from im2hands_model.pipeline import Im2Hands
+
+    return Im2Hands.from_pretrained(args.weights, device=args.device, backend=args.backend,
+                                    **config)  # fmt: skip
+
+
+def _write_ply(mesh: Any, path: Path) -> None:
+    tmp = path.with_suffix(".ply.tmp")
+    mesh.export(tmp, file_type="ply")
+    tmp.replace(path)
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from PIL import Image, UnidentifiedImageError
+
+    from im2hands_model.pipeline import InputError
+    from im2hands_model.pipeline.overlay import overlay
+
+    try:
+        with Image.open(args.image) as im:
+            image = np.asarray(im.convert("RGB"))
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
+        print(f"error: cannot read image {args.image}: {exc}", file=sys.stderr)
+        return 2
+    h, w = image.shape[:2]
+    manual = [args.fx, args.fy, args.cx, args.cy]
+    try:
+        if args.camera_info:
+            K = read_camera_info(args.camera_info)
+        elif any(v is not None for v in manual):
+            if any(v is None for v in manual):
+                raise ValueError("give all of --fx --fy --cx --cy, or --camera-info")
+            K = np.array([[args.fx, 0, args.cx], [0, args.fy, args.cy], [0, 0, 1]], float)
+        else:
+            K = default_intrinsics(w, h)
+            print(f"note: no intrinsics given; assuming fx = fy = {K[0, 0]:.0f} px, principal "
+                  "point at the image centre (pass --camera-info or --fx/--fy/--cx/--cy)",
+                  file=sys.stderr)  # fmt: skip
+        keypoints = None
+        if args.keypoints:
+            keypoints = json.loads(Path(args.keypoints).read_text())
+            keypoints = {k: keypoints.get(k) for k in ("left", "right")}
+            keypoints = {
+                k: (v["joints"] if isinstance(v, dict) else v) for k, v in keypoints.items()
+            }
+        model = _model(args, **_config(args))
+        result = model(image, K, keypoints=keypoints)
+    except (InputError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for hand in result.hands:
+        if hand is not None:
+            _write_ply(hand.mesh, out / f"{hand.side}.ply")
+    for side in ("left", "right"):  # no stale mesh from an earlier run into the same folder
+        if getattr(result, side) is None and (out / f"{side}.ply").exists():
+            (out / f"{side}.ply").unlink()
+    kp = result.keypoints_dict()
+    kp["timings_ms"] = {k: round(v, 2) for k, v in result.timings_ms.items()}
+    (out / "keypoints.json").write_text(json.dumps(kp, indent=2) + "\n")
+    (out / "contacts.json").write_text(json.dumps(result.contacts.to_dict(), indent=2) + "\n")
+    Image.fromarray(overlay(image, K, result)).save(out / "overlay.png")
+    if result.empty:
+        print(f"no hand found in {args.image} ({result.message}); wrote {out}/overlay.png "
+              "and empty keypoints.json", file=sys.stderr)  # fmt: skip
+        return 1
+    found = ", ".join(
+        f"{h.side} ({len(h.mesh.vertices)} vertices, confidence {h.confidence:.2f})"
+        for h in result.hands
+        if h is not None
+    )
+    c = result.contacts
+    print(f"{found}; contact area {c.contact_area_cm2:.2f} cm2, penetration "
+          f"{c.penetration_volume_cm3:.3f} cm3; {result.timings_ms['total']:.0f} ms")  # fmt: skip
+    print(f"wrote {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())))
+    return 0
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"keypoint_source": args.keypoint_source}
+    if args.no_k:
+        cfg["refine_keypoints"] = False
+    if args.no_r:
+        cfg["refine_occupancy"] = False
+    if args.halo:
+        cfg.update(use_image=False, refine_occupancy=False)
+    if args.resolution:
+        cfg["resolution"] = args.resolution
+    return cfg
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from im2hands_model.pipeline.bench import (
+        format_report,
+        run_bench,
+        synthetic_frames,
+        write_json,
+    )
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _model(args, **_config(args))
+    frames = synthetic_frames(args.frames, progress=not args.quiet)
+    report = run_bench(model, frames, args.reference_frames, progress=not args.quiet)
+    print(format_report(report))
+    if args.json:
+        print(f"wrote {write_json(report, args.json)}")
+    return 0
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from im2hands_model.pipeline.onnx_backend import export_onnx
+
+    paths = export_onnx(args.out_dir, weights_dir=args.weights)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default=None, help="weights folder (default: shipped weights)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"))
+    p.add_argument("--keypoint-source", default="learned",
+                   choices=("learned", "mediapipe", "given"))  # fmt: skip
+    p.add_argument("--no-k", action="store_true", help="skip keypoint refinement K")
+    p.add_argument("--no-r", action="store_true", help="skip two-hand refinement R")
+    p.add_argument("--halo", action="store_true", help="keypoint-only I (HALO), no image")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="effective grid (default 128 on CPU, 256 on GPU)")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="im2hands", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("reconstruct", help="reconstruct both hands of one image")
+    p.add_argument("image")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("--camera-info", default=None, help="camera YAML (ROS camera_calibration)")
+    for name in ("fx", "fy", "cx", "cy"):
+        p.add_argument(f"--{name}", type=float, default=None)
+    p.add_argument(
+        "--keypoints", default=None, help="JSON {left: [21x3], right: [21x3]}, metres, camera frame"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("bench", help="speed per stage and vs the paper protocol")
+    p.add_argument("--frames", type=int, default=20)
+    p.add_argument(
+        "--reference-frames", type=int, default=2,
+        help="frames also run in reference mode (slow: ~40 s each on 2 CPU cores)",
+    )  # fmt: skip
+    p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export-onnx", help="export the networks to ONNX")
+    p.add_argument("out_dir")
+    p.add_argument("--weights", default=None, help="weights folder (default: shipped weights)")
+    p.set_defaults(func=cmd_export_onnx)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
