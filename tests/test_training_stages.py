@@ -122,9 +122,27 @@ def test_evaluate_writes_the_table_for_every_variant(init_run, tiny_dataset_dir,
     train(_cfg("kpts_ref", tiny_dataset_dir, kref, 4, []))
     out = tmp_path / "results"
     script = Path(__file__).resolve().parents[1] / "training" / "evaluate.py"
-    cmd = [sys.executable, str(script), "--data", str(tiny_dataset_dir), "--scenes", "2",
-           "--resolution", "12", "--upsampling-steps", "1", "--n-iou", "3000",
-           "--n-chamfer", "2000", "--pictures", "2", "--quiet", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(script),
+        "--data",
+        str(tiny_dataset_dir),
+        "--scenes",
+        "2",
+        "--resolution",
+        "12",
+        "--upsampling-steps",
+        "1",
+        "--n-iou",
+        "3000",
+        "--n-chamfer",
+        "2000",
+        "--pictures",
+        "2",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     for run in (halo, init_run, ref, kref):
         cmd += ["--checkpoint", str(run / "best.pt")]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
