@@ -404,3 +404,41 @@ def test_dense_mesh_agrees_with_itself_across_chunking():
     b = dense_mesh(Recorder(), 2, 32)
     for x, y in zip(a, b, strict=True):
         assert np.array_equal(x.vertices, y.vertices) and np.array_equal(x.faces, y.faces)
+
+
+def test_band_refinement_moves_the_surface_like_a_dense_mesh_of_the_refined_field():
+    """A refinement that grows the sphere by 1.5 cells: band_refined_grid (features on the coarse
+    band, interpolated; head at every fine band point) gives the mesh a dense grid of the refined
+    field gives, and evaluates far fewer points than the fine band."""
+    from im2hands_model.meshing import band_refined_grid, grid_meshes, mise_grid
+
+    def grown(p):
+        return torch.sigmoid(-STEEP * (sdf_sphere(p) - 0.01))
+
+    def features(points):  # smooth in space: the distance to the centre
+        return (points - torch.tensor(SPHERE_C)).norm(dim=-1, keepdim=True)
+
+    def head(feats, probs):  # sharp: the grown sphere (ignores the initial probability)
+        return torch.sigmoid(-STEEP * (feats[..., 0] - SPHERE_R - 0.01))
+
+    grid, _ = mise_grid(Recorder((sdf_sphere, sdf_sphere)), 2, 16, 3, dilate_final=False)
+    dense = dense_mesh(lambda p: torch.stack([grown(p[0]), grown(p[1])]), 2, resolution=128)
+    for coarse in (True, False):
+        refined, stats = band_refined_grid(grid, 0.5, features, head, coarse=coarse)
+        meshes = grid_meshes(refined, 0.5)
+        for h in range(2):
+            radius = np.linalg.norm(meshes[h].vertices - np.array(SPHERE_C), axis=1)
+            assert abs(radius.mean() - SPHERE_R - 0.01) < 0.002
+            assert max_vertex_distance(meshes[h], dense[h]) < 0.01
+            assert trimesh.Trimesh(meshes[h].vertices, meshes[h].faces).is_watertight
+        band = int(refined.known[0].sum())
+        evaluated = stats.points_per_hand[0]
+        assert (evaluated < 0.5 * band) if coarse else (evaluated == band)
+
+
+def test_band_refinement_of_an_empty_grid_is_empty():
+    from im2hands_model.meshing import band_refined_grid, grid_meshes, mise_grid
+
+    grid, _ = mise_grid(lambda p: torch.zeros(p.shape[:2]), 2, 8, 1)
+    refined, stats = band_refined_grid(grid, 0.5, lambda p: p, lambda f, probs: probs, coarse=True)
+    assert grid_meshes(refined, 0.5) == [None, None] and stats.points_per_hand == [0, 0]

@@ -393,3 +393,25 @@ def test_empty_batch_and_no_queries():
     present = torch.ones(2, 2, dtype=torch.bool)
     out = r(queries[:, :0], init[..., :0], anchors, present, K, None, center)
     assert out.shape == (2, 2, 0)
+
+
+def test_decoder_split_and_per_hand_queries_give_the_shared_decode():
+    """decode = decode_head(decode(..., return_features=True)); per-hand queries [B, 2, Q, 3]
+    score each hand at its own points, and ``hand=`` scores one hand alone, all equal to the
+    shared-query decode."""
+    torch.manual_seed(0)
+    queries, init, anchors, K, image, center = _scene()
+    enc, r = _encoder(), _refiner()
+    _perturb_last_layer(r)
+    feats = enc(image)
+    present = torch.tensor([[True, True], [True, False]])
+    with torch.no_grad():
+        ctx = r.encode_context(anchors, present, K, feats, center)
+        full = r.decode(queries, init, ctx, K, feats, center)
+        smooth = r.decode(queries, init, ctx, K, feats, center, return_features=True)
+        torch.testing.assert_close(r.decode_head(smooth, init, present), full)
+        per_hand = queries[:, None].expand(-1, 2, -1, -1)
+        torch.testing.assert_close(r.decode(per_hand, init, ctx, K, feats, center), full)
+        for h in (0, 1):
+            one = r.decode(queries[:, None], init[:, h : h + 1], ctx, K, feats, center, hand=h)
+            torch.testing.assert_close(one[:, 0], full[:, h])
