@@ -1,6 +1,7 @@
 # im2hands — set-up, demo and tests on a fresh Debian machine with Python 3.11.
 #
-#   make demo    set everything up, then generate a small synthetic two-hand dataset + contact sheet
+#   make demo    set everything up, generate a small synthetic two-hand dataset + contact sheet,
+#                reconstruct it with the shipped weights, and run the pipeline on camera frames
 #   make test    set everything up, then run the full test suite (what CI runs: .ci/run)
 #
 # `make setup` is idempotent: each step leaves a stamp in $(STAMPS) and is redone only when the
@@ -115,11 +116,14 @@ demo: setup
 	OMP_NUM_THREADS=1 $(VPY) training/evaluate.py --pretrained --data "$(DEMO_OUT)" --scenes 4 \
 	  --resolution 32 --upsampling-steps 1 --n-iou 20000 --n-chamfer 20000 --jobs 2 --quiet \
 	  --pictures 4 --picture-variants "HALO,I,I+R" --out "$(DEMO_OUT)/reconstruction"
+	OMP_NUM_THREADS=2 $(VENV)/bin/im2hands demo -o "$(DEMO_OUT)/pipeline" --device cpu
 	@echo
 	@echo "contact sheet:  $(DEMO_OUT)/contact_sheet.png"
 	@echo "report:         $(DEMO_OUT)/report.json"
 	@echo "reconstruction: $(DEMO_OUT)/reconstruction/comparison.png (shipped weights, GT keypoints)"
 	@echo "                $(DEMO_OUT)/reconstruction/results.md"
+	@echo "pipeline:       $(DEMO_OUT)/pipeline/overview.png (camera frames -> meshes, keypoints,"
+	@echo "                contacts; PLY/JSON/overlay per frame in $(DEMO_OUT)/pipeline/frame*/)"
 
 # Each run gets its own ROS domain (1..90, within Fast DDS's valid 0..101 on Linux) and keeps
 # DDS discovery on this machine. Override the domain with `make test TEST_ROS_DOMAIN_ID=N`.

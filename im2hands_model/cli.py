@@ -2,6 +2,7 @@
 
     im2hands reconstruct IMAGE [--camera-info FILE.yaml | --fx F --fy F --cx C --cy C] -o OUT
     im2hands bench [--frames N] [--device cpu|cuda] [--json FILE]
+    im2hands demo -o OUT
     im2hands export-onnx OUT_DIR
 
 ``reconstruct`` writes ``left.ply`` / ``right.ply`` (the hands it found), ``keypoints.json``,
@@ -175,6 +176,44 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Rendered camera frames through the pipeline: meshes, keypoints, contacts and overlays,
+    once with the ground-truth keypoints and once finding the hands with the learned predictor."""
+    from PIL import Image
+
+    from im2hands_model.pipeline.bench import frame_iou, synthetic_frames
+    from im2hands_model.pipeline.overlay import overlay
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = _model(args, **_config(args))
+    frames = synthetic_frames(args.frames, progress=True)
+    model(frames[0].image, frames[0].K)  # warm-up
+    rows = []
+    for i, frame in enumerate(frames):
+        tiles = [frame.image]
+        for source, kp in (("gt_keypoints", frame.keypoints), ("learned_keypoints", None)):
+            result = model(frame.image, frame.K, keypoints=kp)
+            folder = out / f"frame{i}_{source}"
+            folder.mkdir(exist_ok=True)
+            for hand in result.hands:
+                if hand is not None:
+                    _write_ply(hand.mesh, folder / f"{hand.side}.ply")
+            (folder / "keypoints.json").write_text(json.dumps(result.keypoints_dict(), indent=2))
+            (folder / "contacts.json").write_text(json.dumps(result.contacts.to_dict(), indent=2))
+            pic = overlay(frame.image, frame.K, result)
+            Image.fromarray(pic).save(folder / "overlay.png")
+            tiles.append(pic)
+            iou = frame_iou(result, frame, 20_000, i)
+            print(f"frame {i} ({frame.layout}), {source.replace('_', ' ')}: IoU {iou:.1f} %, "
+                  f"{result.timings_ms['total']:.0f} ms, contact area "
+                  f"{result.contacts.contact_area_cm2:.2f} cm2 -> {folder}")  # fmt: skip
+        rows.append(np.concatenate(tiles, axis=1))
+    Image.fromarray(np.concatenate(rows, axis=0)).save(out / "overview.png")
+    print(f"overview (input | GT keypoints | learned keypoints): {out / 'overview.png'}")
+    return 0
+
+
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     from im2hands_model.pipeline.onnx_backend import export_onnx
 
@@ -224,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _common(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="rendered frames through the pipeline, with pictures")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("--frames", type=int, default=2)
+    _common(p)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export-onnx", help="export the networks to ONNX")
     p.add_argument("out_dir")

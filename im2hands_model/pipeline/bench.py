@@ -30,6 +30,7 @@ __all__ = [
     "BENCH_SEED",
     "BenchFrame",
     "format_report",
+    "frame_iou",
     "run_bench",
     "synthetic_frames",
     "write_json",
@@ -85,7 +86,7 @@ def synthetic_frames(n: int, seed: int = BENCH_SEED, progress: bool = False) -> 
     return frames
 
 
-def _frame_iou(result: Any, frame: BenchFrame, n_points: int, seed: int) -> float:
+def frame_iou(result: Any, frame: BenchFrame, n_points: int, seed: int) -> float:
     """Mean IoU (percent) of the frame's present hands (a missing mesh scores 0)."""
     from im2hands_model.evaluation import hand_metrics
 
@@ -143,8 +144,8 @@ def run_bench(
         r_ref = reference(frame.image, frame.K, keypoints=frame.keypoints)
         fast_ms.append(r_fast.timings_ms["total"])
         ref_ms.append(r_ref.timings_ms["total"])
-        fast_iou.append(_frame_iou(r_fast, frame, iou_points, i))
-        ref_iou.append(_frame_iou(r_ref, frame, iou_points, i))
+        fast_iou.append(frame_iou(r_fast, frame, iou_points, i))
+        ref_iou.append(frame_iou(r_ref, frame, iou_points, i))
 
     report: dict[str, Any] = {
         "device": str(model.device),
