@@ -216,14 +216,7 @@ class Im2Hands:
 
             model.nets = onnx_networks(nets, dev)
             model.backend = "onnxruntime"
-        model.set_cull_parts(model.config.cull_parts)
         return model
-
-    def set_cull_parts(self, parts: int | None) -> None:
-        """Part culling of I and HALO (``None``: every part for every query)."""
-        self.config.cull_parts = parts
-        for net in (self.nets["halo"], self.nets["ref_occ"].init):
-            net.cull_parts = parts
 
     def configured(self, **changes: Any) -> Im2Hands:
         """The same networks with some :class:`PipelineConfig` fields changed."""
@@ -307,6 +300,7 @@ class Im2Hands:
         cfg = self.config
         t_start = timer.now()
         init_net = self.nets["ref_occ"].init if cfg.use_image else self.nets["halo"]
+        init_net.cull_parts = cfg.cull_parts  # networks are shared by configured() copies
         init = InitialField(init_net, crop.image, crop.K, crop.joints, crop.present)
         steps = int(round(math.log2(self.resolution / cfg.coarse_resolution)))
         grid, _ = mise_grid(
