@@ -199,3 +199,24 @@ def test_other_image_layouts_are_accepted(model, frames, kind):
 def test_too_large_image_is_refused(model):
     with pytest.raises(InputError, match="larger than the limit"):
         model.configured(max_pixels=1000)(np.zeros((40, 40, 3), np.uint8), np.eye(3))
+
+
+def _rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def test_memory_stays_bounded_over_many_frames(model, frames):
+    """40 frames after a warm-up: resident memory grows by less than 5 % (no cache or queue
+    that grows per frame)."""
+    frame = frames[1]
+    for _ in range(5):
+        model(frame.image, frame.K, keypoints=frame.keypoints)
+    before = _rss_mb()
+    for i in range(40):
+        f = frames[i % 2]
+        model(f.image, f.K, keypoints=f.keypoints if i % 4 else None)
+    grown = _rss_mb() - before
+    assert grown < 0.05 * before, f"RSS grew by {grown:.0f} MB from {before:.0f} MB"
