@@ -52,8 +52,8 @@ class GridOccupancy:
         self.rot = torch.as_tensor(rot, dtype=torch.float32, device=grid.values.device)
         self.origin = torch.as_tensor(origin, dtype=torch.float32, device=grid.values.device)
 
-    def inside(self, hand: int, points: np.ndarray) -> np.ndarray:
-        """``[N]`` bool: camera-frame points ``[N, 3]`` inside ``hand``."""
+    def inside(self, hand: int, points: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``[N]`` bool tensor: camera-frame points ``[N, 3]`` inside ``hand``."""
         dev = self.grid.values.device
         p = torch.as_tensor(points, dtype=torch.float32, device=dev)
         norm = (p - self.origin[hand]) @ self.rot[hand].T / NORM_SCALE
@@ -61,7 +61,7 @@ class GridOccupancy:
         coords = (norm / self.grid.box_half).flip(-1).view(1, 1, 1, -1, 3)
         vol = self.grid.values[hand][None, None]
         val = F.grid_sample(vol, coords, mode="bilinear", padding_mode="zeros", align_corners=True)
-        return (val.view(-1) >= self.threshold).cpu().numpy()
+        return val.view(-1) >= self.threshold
 
 
 def vertex_areas(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
@@ -80,14 +80,14 @@ def _grid_penetration_m3(meshes: Sequence[Any], occ: GridOccupancy, voxel: float
         return 0.0
     while np.prod(np.ceil((hi - lo) / voxel)) > _MAX_VOXELS:
         voxel *= 2.0
-    axes = [np.arange(lo[i] + voxel / 2, hi[i], voxel) for i in range(3)]
+    dev = occ.grid.values.device
+    axes = [torch.arange(lo[i] + voxel / 2, hi[i], voxel, device=dev) for i in range(3)]
     if any(len(a) == 0 for a in axes):
         return 0.0
-    pts = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-    both = occ.inside(0, pts)
-    if both.any():
-        both[both] = occ.inside(1, pts[both])
-    return float(both.sum()) * voxel**3
+    pts = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).view(-1, 3).float()
+    inside_a = occ.inside(0, pts)
+    both = int(occ.inside(1, pts[inside_a]).sum()) if bool(inside_a.any()) else 0
+    return float(both) * voxel**3
 
 
 def hand_contacts(
