@@ -435,12 +435,6 @@ class Grid:
     def spacing(self) -> float:
         return 2.0 * self.box_half / (self.points_per_axis - 1)
 
-    def points(self, index: Tensor) -> Tensor:
-        """Box coordinates ``[..., 3]`` of flat grid indices ``index``."""
-        n = self.points_per_axis
-        ijk = torch.stack((index // (n * n), (index // n) % n, index % n), dim=-1)
-        return ijk.to(torch.float32) * self.spacing - self.box_half
-
 
 @torch.no_grad()
 def mise_grid(

@@ -115,3 +115,14 @@ def test_bench_prints_stages_and_writes_the_json(tmp_path):
     assert report["speedup"] > 2.0
     assert abs(report["iou_delta_points"]) < 5.0
     assert report["iou_reference"] > 60.0
+
+
+def test_export_onnx_writes_the_graphs_and_their_manifest(tmp_path):
+    proc = run("export-onnx", str(tmp_path / "onnx"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = {p.name for p in (tmp_path / "onnx").iterdir()}
+    assert "onnx_manifest.json" in names and "init_hand_right.onnx" in names
+    manifest = json.loads((tmp_path / "onnx" / "onnx_manifest.json").read_text())
+    assert manifest["graphs"] and all(
+        (tmp_path / "onnx" / f"{name}.onnx").is_file() for name in manifest["graphs"]
+    )
