@@ -215,8 +215,21 @@ def test_evaluate_with_predicted_keypoints_and_parallel_jobs(runs, tiny_dataset_
         ckpts += ["--checkpoint", str(runs[name] / "best.pt")]
     ckpts += ["--keypoint-scenes", "6"]
     one = _evaluate(tmp_path / "one", tiny_dataset_dir, ckpts)
-    two = _evaluate(tmp_path / "two", tiny_dataset_dir, [*ckpts, "--jobs", "2"])
+    cache = tmp_path / "cache"
+    two = _evaluate(
+        tmp_path / "two", tiny_dataset_dir, [*ckpts, "--jobs", "2", "--cache", str(cache)]
+    )
     assert one["keypoints"] == two["keypoints"]
+    # --cache: every scene's scores were kept; a second run reuses them and gives the same table
+    assert len(list(cache.glob("scene_*.json"))) == 6
+    again = _evaluate(tmp_path / "again", tiny_dataset_dir, [*ckpts, "--cache", str(cache)])
+    assert again["variants"] == two["variants"] and again["keypoints"] == two["keypoints"]
+    other = subprocess.run(
+        [sys.executable, str(ROOT / "training" / "evaluate.py"), "--data", str(tiny_dataset_dir),
+         "--out", str(tmp_path / "x"), "--cache", str(cache), "--seed", "5", *ckpts],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert other.returncode != 0 and "other settings" in other.stderr
     kp = one["keypoints"]
     assert kp["scenes"] == 6
     assert set(kp["sources"]) == {"pred. kpts", "pred. kpts + K", "noisy kpts", "noisy kpts + K"}

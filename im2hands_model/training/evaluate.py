@@ -414,10 +414,65 @@ def keypoint_summary(records: list[dict]) -> dict[str, dict[str, float | int]]:
     }
 
 
+def _cache_settings(args: argparse.Namespace) -> dict:
+    """What a scene's record depends on: a cache made with other settings must not be mixed in."""
+    return {
+        "data": str(Path(args.data).resolve()),
+        "checkpoints": [str(Path(c).resolve()) for c in args.checkpoint],
+        "pretrained": args.pretrained,
+        "resolution": args.resolution,
+        "upsampling_steps": args.upsampling_steps,
+        "n_iou": args.n_iou,
+        "n_chamfer": args.n_chamfer,
+        "noise_mm": args.noise_mm,
+        "seed": args.seed,
+        "mesh_scenes": args.mesh_scenes,
+    }
+
+
+def _open_cache(args: argparse.Namespace) -> dict[int, dict]:
+    """The scene records already in ``--cache`` (checked against this run's settings)."""
+    folder = Path(args.cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    settings_path = folder / "settings.json"
+    settings = _cache_settings(args)
+    if settings_path.is_file():
+        old = json.loads(settings_path.read_text())
+        if old != settings:
+            changed = sorted(k for k in settings if old.get(k) != settings[k])
+            raise ValueError(
+                f"--cache {folder} holds scenes evaluated with other settings "
+                f"({', '.join(changed)}); use another folder"
+            )
+    else:
+        settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+    cached = {}
+    for path in sorted(folder.glob("scene_*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except json.JSONDecodeError:  # a scene cut off mid-write: evaluate it again
+            continue
+        cached[int(rec["index"])] = rec
+    return cached
+
+
+def _save_record(folder: str, rec: dict) -> None:
+    """One scene's record (without picture arrays) as JSON, written atomically."""
+    from im2hands_model.training.checkpoint import atomic_write
+
+    plain = {k: v for k, v in rec.items() if k != "picture"}
+    path = Path(folder) / f"scene_{rec['index']:06d}.json"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(plain)))
+
+
 def _worker(payload: tuple[argparse.Namespace, list[int], int]) -> list[dict]:
     args, indices, threads = payload
     torch.set_num_threads(threads)
-    return _scene_records(args, indices)
+    records = _scene_records(args, indices)
+    if args.cache:
+        for rec in records:
+            _save_record(args.cache, rec)
+    return records
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -434,12 +489,17 @@ def evaluate(args: argparse.Namespace) -> dict:
     unknown = set(args.picture_variants or []) - {v.name for v in variants}
     if unknown:
         raise ValueError(f"--picture-variants: no variant {sorted(unknown)}")
+    cached = _open_cache(args) if args.cache else {}
+    # pictures hold arrays that are not cached: their scenes are evaluated again
+    todo = [i for i in range(n) if i not in cached or i in args.picture_scenes]
+    records: list[dict] = [rec for i, rec in cached.items() if i < n and i not in todo]
+    if cached:
+        print(f"--cache {args.cache}: {len(records)} of {n} scenes already evaluated")
     t0 = time.perf_counter()
-    bar = tqdm(total=n, desc="evaluate", unit="scene", disable=args.quiet)
-    records: list[dict] = []
-    if args.jobs <= 1 or n < 2:
-        for i in range(n):
-            records += _scene_records(args, [i])
+    bar = tqdm(total=len(todo), desc="evaluate", unit="scene", disable=args.quiet)
+    if args.jobs <= 1 or len(todo) < 2:
+        for i in todo:
+            records += _worker((args, [i], torch.get_num_threads()))
             bar.update(1)
     else:
         # Scenes in small chunks over worker processes (spawned: no forked OpenMP state);
@@ -447,7 +507,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         import multiprocessing as mp
 
         threads = max(1, torch.get_num_threads() // args.jobs)
-        chunks = [list(range(a, min(a + 4, n))) for a in range(0, n, 4)]
+        chunks = [todo[a : a + 4] for a in range(0, len(todo), 4)]
         with mp.get_context("spawn").Pool(args.jobs) as pool:
             for recs in pool.imap_unordered(_worker, [(args, c, threads) for c in chunks]):
                 records += recs
@@ -631,6 +691,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="only these rows in the picture (default: all)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cache",
+        default=None,
+        metavar="DIR",
+        help="keep each scene's scores here and skip scenes already scored with the same "
+        "settings: a long evaluation can be stopped and resumed",
+    )
     p.add_argument(
         "--jobs",
         type=int,

@@ -85,13 +85,14 @@ package)
   ;;
 evaluate)
   # the shipped weights on the held-out test set (seed 300): meshes for the first $MESH_SCENES
-  # scenes (128^3 effective; CPU time), keypoints for all 500
+  # scenes (128^3 effective; CPU time), keypoints for all 500. Resumable: stop it any time and
+  # run it again; scenes already scored are read back from the cache folder.
   MESH_SCENES=${MESH_SCENES:-120}
   python training/evaluate.py --pretrained --data $TEST --scenes "$MESH_SCENES" \
     --keypoint-scenes 500 --upsampling-steps 2 --jobs 2 --out docs \
     --pictures 4 --picture-layouts clasped,crossed,touching --picture-format jpg \
     --picture-variants "HALO,I,I+R,I+R on pred. kpts,I+R on pred. kpts + K" \
-    --notes docs/results_notes.md
+    --notes docs/results_notes.md --cache "out/eval_cache/mesh$MESH_SCENES"
   ;;
 kpts-pred) kpts_pred ;;
 kpts-ref) kpts_ref ;;
