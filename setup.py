@@ -91,7 +91,15 @@ setup(
         # wheels ship the same module)
         "onnx": ["onnx>=1.16", "onnxruntime>=1.17"],
         "gpu": ["onnx>=1.16", "onnxruntime-gpu>=1.17"],
-        "dev": ["pytest", "pytest-timeout", "ruff", "onnx>=1.16", "onnxruntime>=1.17"],
+        # the ROS 2 wheels too, so that CI runs the im2hands_ros tests
+        "dev": [
+            "pytest",
+            "pytest-timeout",
+            "ruff",
+            "onnx>=1.16",
+            "onnxruntime>=1.17",
+            *ROS_DISTRO_WHEELS,
+        ],
     },
     entry_points={
         "console_scripts": [
