@@ -237,7 +237,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="im2hands", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="im2hands",
+        description="Two-hand reconstruction from an image (Im2Hands): reconstruct an image, "
+        "benchmark the pipeline, run the demo, export the networks to ONNX.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("reconstruct", help="reconstruct both hands of one image")
@@ -245,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--camera-info", default=None, help="camera YAML (ROS camera_calibration)")
     for name in ("fx", "fy", "cx", "cy"):
-        p.add_argument(f"--{name}", type=float, default=None)
+        p.add_argument(f"--{name}", type=float, default=None, help=f"intrinsics: {name}, pixels")
     p.add_argument(
         "--keypoints", default=None, help="JSON {left: [21x3], right: [21x3]}, metres, camera frame"
     )
