@@ -24,6 +24,7 @@ the normalised space, see :mod:`im2hands_model.canonical`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -194,27 +195,52 @@ class InitialOccupancy(nn.Module):
         bias = bias + torch.einsum("bpc,pch->bph", code, self.w0_code) + self.b0
         return w_point, bias
 
-    def part_logits(self, points_norm: Tensor, pose: HandPose, img: Tensor | None) -> Tensor:
-        """Per-part logits ``[B, 16, N]`` for normalised points ``[B, N, 3]`` (mirrored if left)."""
+    def _hidden_layers(
+        self, h: Tensor, img_term: Tensor | None, linear: Callable[[PartLinear, Tensor], Tensor]
+    ) -> Tensor:
+        """Layers 1-4 on layer 0's pre-activation ``h``: the part logits (last dim dropped).
+
+        ``linear(layer, x)`` applies a :class:`PartLinear` -- all parts batched, or one part's
+        weights (:meth:`nearest_parts_logits`); ``img_term`` is the image feature's share of
+        layer 2.
+        """
+        h = self.act(h)
+        h = h + self.act(linear(self.l1, h))
+        pre = linear(self.l2, h)
+        if img_term is not None:
+            pre = pre + img_term
+        h = h + self.act(pre)
+        h = h + self.act(linear(self.l3, h))
+        return linear(self.l4, h)[..., 0]
+
+    def part_logits(
+        self, points_norm: Tensor, pose: HandPose, img: Tensor | None, dist: Tensor | None = None
+    ) -> Tensor:
+        """Per-part logits ``[B, 16, N]`` for normalised points ``[B, N, 3]`` (mirrored if left).
+
+        ``dist``: the points' :func:`part_distances` when the caller has them already.
+        """
         self._check_img(img)
         w_point, bias = self._first_layer(pose)
         h = torch.einsum("bni,bpih->bpnh", points_norm, w_point) + bias[:, :, None, :]
-        h = self.act(h)
-        h = h + self.act(self.l1(h))
-        pre = self.l2(h)
+        img_term = None
         if self.l2_img is not None:
-            pre = pre + torch.einsum("bni,pih->bpnh", img, self.l2_img)
-        h = h + self.act(pre)
-        h = h + self.act(self.l3(h))
-        out = self.l4(h)[..., 0]
+            img_term = torch.einsum("bni,pih->bpnh", img, self.l2_img)
+        out = self._hidden_layers(h, img_term, lambda layer, x: layer(x))
         if self.capsule_prior:
-            dist = part_distances(points_norm, pose.joints_norm)  # [B, 16, N]
+            if dist is None:
+                dist = part_distances(points_norm, pose.joints_norm)  # [B, 16, N]
             sharp = self.capsule_log_sharpness.exp()
             out = out + sharp * (self.capsule_radius[:, None] - dist)
         return out
 
     def nearest_parts_logits(
-        self, points_norm: Tensor, pose: HandPose, img: Tensor | None, parts: int
+        self,
+        points_norm: Tensor,
+        pose: HandPose,
+        img: Tensor | None,
+        parts: int,
+        dist: Tensor | None = None,
     ) -> Tensor:
         """Hand logits ``[B, N]`` from each point's ``parts`` nearest parts only (inference).
 
@@ -223,12 +249,14 @@ class InitialOccupancy(nn.Module):
         maximum (their capsule prior is far below zero there, and the part-assignment loss
         trains every part to be empty away from its bone), and skipping them makes meshing
         several times cheaper. ``parts >= 16`` is exactly :meth:`forward` (hard maximum only).
+        ``dist``: the points' :func:`part_distances` when the caller has them already.
         """
         self._check_img(img)
+        if dist is None:
+            dist = part_distances(points_norm, pose.joints_norm)  # [B, 16, N]
         if parts >= NUM_PARTS or self.soft_max_temperature:
-            return self.forward(points_norm, pose, img)
+            return self.reduce_parts(self.part_logits(points_norm, pose, img, dist))
         b, n, _ = points_norm.shape
-        dist = part_distances(points_norm, pose.joints_norm)  # [B, 16, N]
         chosen = dist.topk(parts, dim=1, largest=False).indices  # [B, k, N]
         w_point, bias = self._first_layer(pose)
         out = points_norm.new_full((b, n), float("-inf"))
@@ -245,14 +273,11 @@ class InitialOccupancy(nn.Module):
                 if count == 0:
                     continue
                 rows = point_of[start : start + count]
-                h = self.act(points_norm[i, rows] @ w_point[i, p] + bias[i, p])
-                h = h + self.act(h @ self.l1.weight[p] + self.l1.bias[p])
-                pre = h @ self.l2.weight[p] + self.l2.bias[p]
-                if self.l2_img is not None:
-                    pre = pre + img[i, rows] @ self.l2_img[p]
-                h = h + self.act(pre)
-                h = h + self.act(h @ self.l3.weight[p] + self.l3.bias[p])
-                val = (h @ self.l4.weight[p] + self.l4.bias[p])[:, 0]
+                h = points_norm[i, rows] @ w_point[i, p] + bias[i, p]
+                img_term = None if self.l2_img is None else img[i, rows] @ self.l2_img[p]
+                val = self._hidden_layers(
+                    h, img_term, lambda layer, x, p=p: x @ layer.weight[p] + layer.bias[p]
+                )
                 if sharp is not None:
                     val = val + sharp * (self.capsule_radius[p] - dist[i, p, rows])
                 logits[start : start + count] = val
@@ -436,7 +461,8 @@ class TwoHandInitialOccupancy(nn.Module):
         """Logits ``[B, Q]``, running the network (and the image attention) only on points near
         the hand's bones; with :attr:`cull_parts`, only on each point's nearest parts."""
         limit = self.skip_distance / NORM_SCALE
-        near = part_distances(p, pose.joints_norm).min(1).values <= limit  # [B, Q]
+        dist = part_distances(p, pose.joints_norm)  # [B, 16, Q]: also the capsule priors' input
+        near = dist.min(1).values <= limit  # [B, Q]
         out = p.new_full(near.shape, EMPTY_LOGIT)
         for b in range(p.shape[0]):  # one scene at a time: each keeps its own near points
             idx = near[b].nonzero()[:, 0]
@@ -446,11 +472,12 @@ class TwoHandInitialOccupancy(nn.Module):
             feat = None
             if qpos is not None:
                 feat = self.attention[h](qpos[b : b + 1, idx], ctx.tokens[b : b + 1])
-            pts = p[b : b + 1, idx]
+            pts, d = p[b : b + 1, idx], dist[b : b + 1, :, idx]
+            net = self.hands[h]
             if self.cull_parts:
-                val = self.hands[h].nearest_parts_logits(pts, sub, feat, self.cull_parts)
+                val = net.nearest_parts_logits(pts, sub, feat, self.cull_parts, d)
             else:
-                val = self.hands[h](pts, sub, feat)
+                val = net.reduce_parts(net.part_logits(pts, sub, feat, d))
             out[b, idx] = val[0]
         return out
 
