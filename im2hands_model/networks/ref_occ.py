@@ -45,9 +45,11 @@ All point operations are pure PyTorch (:mod:`im2hands_model.networks.point_ops`)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -60,6 +62,7 @@ __all__ = [
     "AnchorGraph",
     "RefinementContext",
     "TwoHandRefinement",
+    "mesh_anchors",
     "penetration_loss",
     "sample_anchors",
 ]
@@ -606,3 +609,29 @@ def sample_anchors(
         pts.reshape(b * 2, p, 3), num, keep.reshape(b * 2, p), start=start, gen=gen
     )
     return gather_points(pts.reshape(b * 2, p, 3), sel).reshape(b, 2, num, 3)
+
+
+def mesh_anchors(
+    meshes: Sequence[Any | None], num: int = 512, seed: int = 0, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
+    """Anchors spread evenly over I's meshes (the inference sampler; training picks them with
+    :func:`sample_anchors` without meshing).
+
+    Args:
+        meshes: ``[left, right]`` camera-frame meshes (``vertices``/``faces``) or ``None``.
+        num: anchors per hand; seed: seed of the area-weighted surface sampling (fixed: the same
+            meshes give the same anchors).
+
+    Returns:
+        ``(anchors [1, 2, num, 3], has_mesh [1, 2] bool)``; hands without a mesh get zeros.
+    """
+    from im2hands_model.metrics import sample_surface_points
+
+    rng = np.random.default_rng(seed)
+    anchors = torch.zeros(1, len(meshes), num, 3, device=device)
+    for h, mesh in enumerate(meshes):
+        if mesh is not None:
+            pts = sample_surface_points(mesh.vertices, mesh.faces, num, rng)
+            anchors[0, h] = torch.as_tensor(pts, dtype=torch.float32, device=device)
+    has_mesh = torch.tensor([[m is not None for m in meshes]], device=device)
+    return anchors, has_mesh

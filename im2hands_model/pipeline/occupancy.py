@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from im2hands_model.hands import from_normalized
-from im2hands_model.metrics import sample_surface_points
+from im2hands_model.networks.ref_occ import mesh_anchors
 
 __all__ = ["InitialField", "RefinedField"]
 
@@ -89,15 +88,7 @@ class RefinedField:
         t0 = time.perf_counter()
         self.refine, self.init = refined.refine, init
         device = init.joints.device
-        num = self.refine.num_anchors
-        rng = np.random.default_rng(seed)
-        anchors = torch.zeros(1, 2, num, 3, device=device)
-        has_mesh = torch.zeros(1, 2, dtype=torch.bool, device=device)
-        for h, mesh in enumerate(init_meshes):
-            if mesh is not None and len(mesh.faces):
-                pts = sample_surface_points(mesh.vertices, mesh.faces, num, rng)
-                anchors[0, h] = torch.as_tensor(pts, dtype=torch.float32, device=device)
-                has_mesh[0, h] = True
+        anchors, has_mesh = mesh_anchors(init_meshes, self.refine.num_anchors, seed, device)
         from im2hands_model.training.stages.ref_occ import hands_center
 
         self.present = init.present & has_mesh

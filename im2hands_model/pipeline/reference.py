@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from im2hands_model.hands import from_normalized, root_frame
 from im2hands_model.meshing import extract_meshes_with_stats, mesh_to_camera
-from im2hands_model.metrics import sample_surface_points
+from im2hands_model.networks.ref_occ import mesh_anchors
 
 __all__ = ["REFERENCE_COARSE", "REFERENCE_STEPS", "reference_meshes"]
 
@@ -110,14 +109,7 @@ def reference_meshes(
         if refined_net is None or not any(m is not None for m in meshes):
             return meshes, queries, seconds
 
-        rng = np.random.default_rng(seed)
-        num = refined_net.refine.num_anchors
-        anchors = torch.zeros(1, 2, num, 3, device=device)
-        has_mesh = torch.tensor([[m is not None for m in meshes]], device=device)
-        for h, mesh in enumerate(meshes):
-            if mesh is not None:
-                pts = sample_surface_points(mesh.vertices, mesh.faces, num, rng)
-                anchors[0, h] = torch.as_tensor(pts, dtype=torch.float32, device=device)
+        anchors, has_mesh = mesh_anchors(meshes, refined_net.refine.num_anchors, seed, device)
         refined_meshes: list = [None, None]
         with _Shortcuts(refined_net.init):
             for h in range(2):

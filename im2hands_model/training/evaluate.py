@@ -50,8 +50,9 @@ from im2hands_model.evaluation import (
     summary_markdown,
 )
 from im2hands_model.meshing import Mesh
-from im2hands_model.metrics import joint_errors_mm, sample_surface_points
+from im2hands_model.metrics import joint_errors_mm
 from im2hands_model.networks.init_occ import EMPTY_LOGIT
+from im2hands_model.networks.ref_occ import mesh_anchors
 from im2hands_model.training.checkpoint import load_trained_network
 from im2hands_model.training.stages.occupancy_common import mesh_scene
 from im2hands_model.training.stages.ref_occ import own_points
@@ -137,15 +138,9 @@ def _refined_occupancy(net: nn.Module, resolution: int, steps: int, seed: int) -
             init_meshes = mesh_scene(
                 init_make(batch, joints), joints[0], present[0], resolution, steps, THRESHOLD_I
             )
-        rng = np.random.default_rng(seed)
-        anchors = torch.zeros(1, 2, net.refine.num_anchors, 3)
-        for h, mesh in enumerate(init_meshes):
-            if mesh is not None:
-                pts = sample_surface_points(mesh.vertices, mesh.faces, net.refine.num_anchors, rng)
-                anchors[0, h] = torch.as_tensor(pts, dtype=torch.float32)
-        has_mesh = torch.tensor([[m is not None for m in init_meshes]], device=joints.device)
+        anchors, has_mesh = mesh_anchors(init_meshes, net.refine.num_anchors, seed, joints.device)
         state = net.prepare(joints, batch["K"], batch["image"], present & has_mesh,
-                            anchors=anchors.to(joints.device))  # fmt: skip
+                            anchors=anchors)  # fmt: skip
 
         def occ(points: Tensor) -> Tensor:
             # R only where I sees a hand nearby (I skips empty space, see SKIP_DISTANCE_M)
