@@ -70,6 +70,7 @@ __all__ = [
     "grid_meshes",
     "mesh_to_camera",
     "mise_grid",
+    "synchronize",
 ]
 
 OccupancyFn = Callable[[Tensor], Tensor]
@@ -205,7 +206,8 @@ class MeshingStats:
 # ----------------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so wall-clock timings mean something."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -482,7 +484,7 @@ def mise_grid(
         counts, padded, calls = _evaluate(
             occ_fn, values, known, need, spacing, box_half, max_points, ok
         )
-        _sync(dev)
+        synchronize(dev)
         stats.levels.append(LevelStats(level, n, counts, padded, calls, time.perf_counter() - t0))
     stats.total_seconds = time.perf_counter() - t_start
     return Grid(values, known, ok, box_half), stats
@@ -661,7 +663,7 @@ def band_refined_grid(
     flat_refined = refined.view(H, -1)
     for h, f in enumerate(fine_idx):
         flat_refined[h, f] = out[h, : len(f)].float()
-    _sync(dev)
+    synchronize(dev)
     counts = [len(f) for f in flat_c]
     stats = LevelStats(-1, nc, counts, rows_c, -(-rows_c // max_points), time.perf_counter() - t0)
     return Grid(refined, band, list(grid.valid), grid.box_half), stats

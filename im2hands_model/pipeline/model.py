@@ -27,7 +27,13 @@ import numpy as np
 import torch
 
 from im2hands_model.hands import root_frame
-from im2hands_model.meshing import band_refined_grid, grid_meshes, mesh_to_camera, mise_grid
+from im2hands_model.meshing import (
+    band_refined_grid,
+    grid_meshes,
+    mesh_to_camera,
+    mise_grid,
+    synchronize,
+)
 from im2hands_model.pipeline.contacts import (
     DEFAULT_CONTACT_DISTANCE,
     DEFAULT_VOXEL_SIZE,
@@ -135,17 +141,18 @@ class _Timer:
         self.ms[stage] = self.ms.get(stage, 0.0) + seconds * 1e3
 
     def now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         return time.perf_counter()
 
 
 class _Crop:
-    """The crop the occupancy stages see, with the keypoints as tensors and the root frames."""
+    """The training-style crop around a frame's keypoints, as the networks take it (image and
+    intrinsics, keypoints as tensors), with the hands' root frames."""
 
-    def __init__(self, image: torch.Tensor, K: torch.Tensor, keypoints: Keypoints,
-                 device: torch.device) -> None:  # fmt: skip
-        self.image, self.K, self.keypoints = image, K, keypoints
+    def __init__(self, frame: Frame, keypoints: Keypoints, device: torch.device) -> None:
+        self.window = crop_around(keypoints, frame)
+        self.image, self.K = crop_tensor(frame, self.window, device)
+        self.keypoints = keypoints
         self.joints = torch.as_tensor(keypoints.joints, device=device)[None]
         self.present = torch.as_tensor(keypoints.present, device=device)[None]
         self.rot, self.origin = root_frame(torch.as_tensor(keypoints.joints, dtype=torch.float32))
@@ -265,8 +272,8 @@ class Im2Hands:
             found = self._refine_keypoints(frame, found)
             timer.add("K", timer.now() - t0)
 
-        window = crop_around(found, frame)
-        crop = _Crop(*crop_tensor(frame, window, self.device), found, self.device)
+        crop = _Crop(frame, found, self.device)
+        window = crop.window
         if cfg.reference:
             meshes, occupancy, queries = self._reference_occupancy(crop, timer)
         else:
@@ -365,11 +372,9 @@ class Im2Hands:
         return learned(frame)
 
     def _refine_keypoints(self, frame: Frame, found: Keypoints) -> Keypoints:
-        window = crop_around(found, frame)
-        image_t, K_t = crop_tensor(frame, window, self.device)
-        joints = torch.as_tensor(found.joints, device=self.device)[None]
-        present = torch.as_tensor(found.present, device=self.device)[None]
-        refined = self.nets["kpts_ref"](joints, present, image=image_t, K=K_t)[0].cpu().numpy()
+        crop = _Crop(frame, found, self.device)
+        refined = self.nets["kpts_ref"](crop.joints, crop.present, image=crop.image, K=crop.K)
+        refined = refined[0].cpu().numpy()
         out = replace(found, joints=np.where(found.present[:, None, None], refined, found.joints))
         out.joints_2d = None
         return given_keypoints(out, frame)

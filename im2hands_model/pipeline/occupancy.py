@@ -23,14 +23,10 @@ import torch
 from torch import Tensor
 
 from im2hands_model.hands import from_normalized
+from im2hands_model.meshing import synchronize
 from im2hands_model.networks.ref_occ import mesh_anchors
 
 __all__ = ["InitialField", "RefinedField"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class InitialField:
@@ -51,7 +47,7 @@ class InitialField:
         self.ctx = net.encode(image) if net.image_conditioning else None
         self.poses = net.poses(joints)
         self.evaluated = 0
-        _sync(joints.device)
+        synchronize(joints.device)
         self.seconds = time.perf_counter() - t0
 
     def logits(self, points_norm: Tensor) -> Tensor:
@@ -64,7 +60,7 @@ class InitialField:
     def __call__(self, points_norm: Tensor) -> Tensor:
         t0 = time.perf_counter()
         probs = torch.sigmoid(self.logits(points_norm))
-        _sync(points_norm.device)
+        synchronize(points_norm.device)
         self.seconds += time.perf_counter() - t0
         self.evaluated += int(points_norm.shape[0] * points_norm.shape[1])
         return probs
@@ -98,7 +94,7 @@ class RefinedField:
             anchors, self.present, init.K, self.feats, self.center
         )
         self.evaluated = 0
-        _sync(device)
+        synchronize(device)
         self.seconds = self.encode_seconds = time.perf_counter() - t0
 
     def features(self, points_norm: Tensor) -> Tensor:
@@ -112,7 +108,7 @@ class RefinedField:
         dummy = cam.new_zeros(1, 2, cam.shape[1])
         out = self.refine.decode(cam[None], dummy, self.ctx, self.init.K, self.feats, self.center,
                                  return_features=True)[0]  # fmt: skip
-        _sync(points_norm.device)
+        synchronize(points_norm.device)
         self.seconds += time.perf_counter() - t0
         self.evaluated += int(cam.shape[0] * cam.shape[1])
         return out
@@ -122,6 +118,6 @@ class RefinedField:
         t0 = time.perf_counter()
         logits = torch.logit(init_probs.clamp(1e-6, 1.0 - 1e-6))
         out = torch.sigmoid(self.refine.decode_head(features[None], logits[None], self.present)[0])
-        _sync(features.device)
+        synchronize(features.device)
         self.seconds += time.perf_counter() - t0
         return out

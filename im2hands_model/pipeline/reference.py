@@ -20,18 +20,13 @@ import torch
 from torch import Tensor
 
 from im2hands_model.hands import from_normalized, root_frame
-from im2hands_model.meshing import extract_meshes_with_stats, mesh_to_camera
+from im2hands_model.meshing import extract_meshes_with_stats, mesh_to_camera, synchronize
 from im2hands_model.networks.ref_occ import mesh_anchors
 
 __all__ = ["REFERENCE_COARSE", "REFERENCE_STEPS", "reference_meshes"]
 
 REFERENCE_COARSE = 32  #: paper protocol: 32³ start
 REFERENCE_STEPS = 3  #: and 3 subdivisions (256³ effective)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class _Shortcuts:
@@ -103,7 +98,7 @@ def reference_meshes(
 
             mesh, count = _mesh_one_hand(occ_i, h, threshold_i, device)
             meshes[h] = to_camera(mesh, h)
-            _sync(device)
+            synchronize(device)
             seconds["I"] += time.perf_counter() - t0
             queries["I"] += count
         if refined_net is None or not any(m is not None for m in meshes):
@@ -134,7 +129,7 @@ def reference_meshes(
 
                 mesh, count = _mesh_one_hand(occ_r, h, threshold_r, device)
                 refined_meshes[h] = to_camera(mesh, h)
-                _sync(device)
+                synchronize(device)
                 seconds["R"] += time.perf_counter() - t0
                 queries["R"] += count
     return refined_meshes, queries, seconds
