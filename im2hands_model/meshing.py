@@ -268,8 +268,7 @@ def _evaluate(
     padded = torch.full((H, P), centre, dtype=torch.long, device=device)
     for h, ix in enumerate(flat_idx):
         padded[h, : counts[h]] = ix
-    ijk = torch.stack((padded // (n * n), (padded // n) % n, padded % n), dim=-1)
-    points = ijk.to(torch.float32) * spacing - box_half  # [H, P, 3]
+    points = _grid_ijk(padded, n).to(torch.float32) * spacing - box_half  # [H, P, 3]
     out = torch.empty((H, P), dtype=torch.float32, device=device)
     calls = 0
     for start in range(0, P, max_points):
@@ -298,6 +297,11 @@ def _evaluate(
 def _axis_slice(dim: int, start: int | None, stop: int | None, step: int) -> tuple[slice, ...]:
     """Index selecting ``start:stop:step`` along ``dim`` and everything along the other axes."""
     return (slice(None),) * dim + (slice(start, stop, step),)
+
+
+def _grid_ijk(flat: Tensor, n: int) -> Tensor:
+    """``[..., 3]`` integer (i, j, k) of flat indices into an ``n x n x n`` grid."""
+    return torch.stack((flat // (n * n), (flat // n) % n, flat % n), dim=-1)
 
 
 def _pairs(x: Tensor, dim: int, op: str) -> Tensor:
@@ -566,11 +570,12 @@ def _cell_corners(cells: Tensor) -> Tensor:
     return out
 
 
-def _padded_rows(mask: Tensor) -> tuple[list[Tensor], int]:
-    """Per hand, the flat indices of the True points of ``mask [H, n, n, n]`` and their maximum
-    count."""
+def _padded_rows(mask: Tensor) -> tuple[list[Tensor], Tensor]:
+    """Per hand, the flat indices of the True points of ``mask [H, n, n, n]``, and all of them
+    ``[H, P]`` padded with index 0 to the longest hand's count ``P``."""
     flat = [mask[h].reshape(-1).nonzero().squeeze(1) for h in range(mask.shape[0])]
-    return flat, max((len(f) for f in flat), default=0)
+    rows = max((len(f) for f in flat), default=0)
+    return flat, torch.stack([torch.cat([f, f.new_zeros(rows - len(f))]) for f in flat])
 
 
 def _chunked(fn: Callable, inputs: list[Tensor], rows: int, max_points: int) -> Tensor:
@@ -586,7 +591,6 @@ def band_refined_grid(
     features_fn: Callable[[Tensor], Tensor],
     head_fn: Callable[[Tensor, Tensor], Tensor],
     coarse: bool = True,
-    dilation: int = 0,
     max_points: int = DEFAULT_MAX_POINTS,
 ) -> tuple[Grid, LevelStats]:
     """A refinement of a MISE grid evaluated only in a band around its surface.
@@ -596,12 +600,11 @@ def band_refined_grid(
     ``features_fn(points [H, P, 3]) -> [H, P, C]`` (box points) and
     ``head_fn(features [H, P, C], probabilities [H, P]) -> refined probabilities [H, P]``.
 
-    The band is the corners of the cells whose corners straddle ``threshold`` (dilated by
-    ``dilation`` cells). With ``coarse`` the features are computed only at the corners of the 2x
-    coarser cells that hold the band (about a quarter of the points) and interpolated
-    trilinearly; the head then runs at every band point with the grid's own probability there.
-    Outside the band the result is the grid's inside/outside decision (0 or 1), so no spurious
-    surface appears at a different iso-level.
+    The band is the corners of the cells whose corners straddle ``threshold``. With ``coarse`` the
+    features are computed only at the corners of the 2x coarser cells that hold the band (about a
+    quarter of the points) and interpolated trilinearly; the head then runs at every band point with
+    the grid's own probability there. Outside the band the result is the grid's inside/outside
+    decision (0 or 1), so no spurious surface appears at a different iso-level.
 
     Returns:
         ``(refined grid of probabilities, statistics of the feature evaluation)``; mesh it with
@@ -612,11 +615,7 @@ def band_refined_grid(
     H, n = values.shape[0], values.shape[1]
     dev = values.device
     ok_t = torch.tensor(grid.valid, device=dev).view(-1, 1, 1, 1)
-    cells = _straddling_cells(values, threshold)
-    for _ in range(dilation):
-        for dim in (1, 2, 3):
-            cells = _dilate_axis(cells, dim)
-    cells &= ok_t
+    cells = _straddling_cells(values, threshold) & ok_t
     band = _cell_corners(cells)  # [H, n, n, n]
     use_coarse = coarse and (n - 1) % 2 == 0 and n > 3
     if use_coarse:
@@ -628,22 +627,21 @@ def band_refined_grid(
     refined = (values >= threshold).float()
 
     # features at the (coarse) band points
-    flat_c, rows_c = _padded_rows(need)
-    fine_idx, rows_f = _padded_rows(band)
+    flat_c, pad_c = _padded_rows(need)
+    fine_idx, pad_f = _padded_rows(band)
+    rows_c, rows_f = pad_c.shape[1], pad_f.shape[1]
     if rows_c == 0 or rows_f == 0:
         return Grid(refined, band, list(grid.valid), grid.box_half), LevelStats(
             -1, nc, [0] * H, 0, 0, time.perf_counter() - t0
         )
-    pad_c = torch.stack([torch.cat([f, f.new_zeros(rows_c - len(f))]) for f in flat_c])
-    ijk = torch.stack((pad_c // (nc * nc), (pad_c // nc) % nc, pad_c % nc), -1)
-    feats = _chunked(features_fn, [ijk.float() * spacing - grid.box_half], rows_c, max_points)
+    points = _grid_ijk(pad_c, nc).float() * spacing - grid.box_half
+    feats = _chunked(features_fn, [points], rows_c, max_points)
     lookup = torch.zeros((H, nc**3), dtype=torch.long, device=dev)
     for h, f in enumerate(flat_c):
         lookup[h, f] = torch.arange(len(f), device=dev)
 
     # interpolated features and the head at the fine band points
-    pad_f = torch.stack([torch.cat([f, f.new_zeros(rows_f - len(f))]) for f in fine_idx])
-    ijk = torch.stack((pad_f // (n * n), (pad_f // n) % n, pad_f % n), -1)  # [H, Pf, 3]
+    ijk = _grid_ijk(pad_f, n)  # [H, Pf, 3]
     if use_coarse:
         lo, hi = ijk // 2, (ijk + 1) // 2
         corner_feats = 0.0
