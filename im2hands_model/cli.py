@@ -70,9 +70,9 @@ def _model(args: argparse.Namespace, **config: Any):
 
 
 def _write_ply(mesh: Any, path: Path) -> None:
-    tmp = path.with_suffix(".ply.tmp")
-    mesh.export(tmp, file_type="ply")
-    tmp.replace(path)
+    from im2hands_model.training.checkpoint import atomic_write
+
+    atomic_write(path, lambda tmp: mesh.export(tmp, file_type="ply"))
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:

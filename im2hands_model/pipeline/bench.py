@@ -209,9 +209,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def write_json(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write the report (atomically) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    from im2hands_model.training.checkpoint import atomic_write
+
+    text = json.dumps(report, indent=2) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
