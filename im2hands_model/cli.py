@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from im2hands_model.pipeline.frame import default_intrinsics
+
 __all__ = ["default_intrinsics", "main", "read_camera_info"]
 
 
@@ -53,13 +55,6 @@ def read_camera_info(path: str | Path) -> np.ndarray:
             f"{path}: no 3x3 camera matrix found (expected camera_matrix.data, k or K)"
         ) from None
     return K
-
-
-def default_intrinsics(width: int, height: int) -> np.ndarray:
-    """A guess for an unknown camera: focal length = the longer image side (about 53 degrees
-    across it), principal point at the centre."""
-    f = float(max(width, height))
-    return np.array([[f, 0.0, width / 2.0], [0.0, f, height / 2.0], [0.0, 0.0, 1.0]])
 
 
 def _model(args: argparse.Namespace, **config: Any):

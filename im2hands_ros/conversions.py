@@ -1,6 +1,6 @@
 """Conversions between ROS 2 messages and numpy, and message builders for reconstruction results.
 
-Everything here is plain data shuffling (no maths, no torch), so the node stays a thin shell:
+Everything here is plain data shuffling (no maths), so the node stays a thin shell:
 
 * images in: :func:`image_to_rgb` (raw ``sensor_msgs/Image``) and :func:`compressed_to_rgb`
   (``sensor_msgs/CompressedImage``, JPEG/PNG) give uint8 ``[H, W, 3]`` RGB; :func:`camera_info_to_K`
@@ -41,6 +41,10 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, Poi
 from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
+from im2hands_model.data.contact_sheet import HAND_COLOURS as CONTACT_SHEET_COLOURS
+from im2hands_model.hands import SKELETON_EDGES
+from im2hands_model.pipeline.frame import MAX_PIXELS, InputError, default_intrinsics
+
 if TYPE_CHECKING:
     from im2hands_model.pipeline.result import ContactReport, HandResult, Reconstruction
 
@@ -66,23 +70,14 @@ __all__ = [
     "points_from_array",
 ]
 
-#: Marker colours of the hands (RGB 0..255), left then right: the contact sheet's
-#: ``im2hands_model.data.contact_sheet.HAND_COLOURS`` (a test keeps the two equal; copied so that
-#: this module does not import the renderer).
-HAND_COLOURS: tuple[tuple[int, int, int], tuple[int, int, int]] = ((60, 140, 255), (255, 140, 40))
+#: Marker colours of the hands (RGB 0..255, left then right), the library's display colours.
+HAND_COLOURS: tuple[tuple[int, int, int], tuple[int, int, int]] = CONTACT_SHEET_COLOURS
 
-#: Skeleton bones as (parent, child) joint indices: ``im2hands_model.hands.SKELETON_EDGES``
-#: (checked equal by a test).
-BONE_EDGES: tuple[tuple[int, int], ...] = (
-    (0, 1), (1, 2), (2, 3), (3, 4),
-    (0, 5), (5, 6), (6, 7), (7, 8),
-    (0, 9), (9, 10), (10, 11), (11, 12),
-    (0, 13), (13, 14), (14, 15), (15, 16),
-    (0, 17), (17, 18), (18, 19), (19, 20),
-)  # fmt: skip
+#: Skeleton bones as (parent, child) joint indices.
+BONE_EDGES: tuple[tuple[int, int], ...] = SKELETON_EDGES
 
-#: Largest accepted image (pixels) unless the caller says otherwise.
-DEFAULT_MAX_PIXELS = 8192 * 8192
+#: Largest accepted image (pixels) unless the caller says otherwise: the pipeline's limit.
+DEFAULT_MAX_PIXELS = MAX_PIXELS
 
 #: Raw encodings :func:`image_to_rgb` reads, with their bytes per pixel.
 SUPPORTED_ENCODINGS: dict[str, int] = {
@@ -232,17 +227,18 @@ def camera_info_to_K(msg: CameraInfo) -> np.ndarray:
 
 
 def default_camera_K(width: int, height: int) -> np.ndarray:
-    """The intrinsics used until a ``CameraInfo`` arrives: ``fx = fy = max(width, height)``
-    (about 53 degrees across the longer side), principal point ``(width / 2, height / 2)``; the
-    same guess as the CLI's ``default_intrinsics``.
+    """The intrinsics used until a ``CameraInfo`` arrives: the library's
+    :func:`~im2hands_model.pipeline.frame.default_intrinsics` (``fx = fy = max(width, height)``,
+    about 53 degrees across the longer side; principal point ``(width / 2, height / 2)``), as
+    the CLI uses without calibration.
 
     Raises:
         ConversionError: a non-positive size.
     """
-    if width <= 0 or height <= 0:
-        raise ConversionError(f"image size must be positive, got {width}x{height}")
-    f = float(max(width, height))
-    return np.array([[f, 0.0, width / 2.0], [0.0, f, height / 2.0], [0.0, 0.0, 1.0]])
+    try:
+        return default_intrinsics(width, height)
+    except InputError as exc:
+        raise ConversionError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------

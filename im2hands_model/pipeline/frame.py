@@ -11,7 +11,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_PIXELS", "Frame", "InputError", "as_intrinsics", "as_rgb8"]
+__all__ = [
+    "MAX_PIXELS",
+    "Frame",
+    "InputError",
+    "as_intrinsics",
+    "as_rgb8",
+    "default_intrinsics",
+]
 
 #: Largest accepted image (pixels); 8192 x 8192 fits, a 3-channel copy is then 200 MB.
 MAX_PIXELS = 8192 * 8192
@@ -97,6 +104,19 @@ def as_intrinsics(K: Any) -> np.ndarray:
     if not np.allclose(arr[2], [0.0, 0.0, 1.0]):
         raise InputError(f"the last row of K must be [0, 0, 1], got {arr[2].tolist()}")
     return arr
+
+
+def default_intrinsics(width: int, height: int) -> np.ndarray:
+    """A guess for an unknown camera: focal length = the longer image side (about 53 degrees
+    across it), principal point at the centre.
+
+    Raises:
+        InputError: a non-positive size.
+    """
+    if width <= 0 or height <= 0:
+        raise InputError(f"image size must be positive, got {width}x{height}")
+    f = float(max(width, height))
+    return np.array([[f, 0.0, width / 2.0], [0.0, f, height / 2.0], [0.0, 0.0, 1.0]])
 
 
 @dataclass
