@@ -55,6 +55,7 @@ __all__ = [
     "HAND_COLOURS",
     "SUPPORTED_ENCODINGS",
     "ConversionError",
+    "camera_info_from_K",
     "camera_info_to_K",
     "colors_from_array",
     "compressed_to_rgb",
@@ -63,11 +64,15 @@ __all__ = [
     "default_camera_K",
     "image_to_rgb",
     "keypoint_markers",
+    "keypoints_from_pose_array",
     "keypoints_pose_array",
+    "keypoints_to_pose_array",
     "mesh_markers",
     "mesh_presence",
+    "mesh_from_msg",
     "mesh_to_msg",
     "points_from_array",
+    "rgb_to_image",
 ]
 
 #: Marker colours of the hands (RGB 0..255, left then right), the library's display colours.
@@ -239,6 +244,41 @@ def default_camera_K(width: int, height: int) -> np.ndarray:
         return default_intrinsics(width, height)
     except InputError as exc:
         raise ConversionError(str(exc)) from None
+
+
+def rgb_to_image(rgb: np.ndarray, header: Header, encoding: str = "rgb8") -> Image:
+    """A ``sensor_msgs/Image`` (``rgb8`` or ``bgr8``, no row padding) of a uint8 ``[H, W, 3]``
+    RGB array (what cameras and tests publish)."""
+    arr = np.asarray(rgb)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ConversionError(f"expected uint8 [H, W, 3] RGB, got {arr.dtype} {arr.shape}")
+    if encoding not in ("rgb8", "bgr8"):
+        raise ConversionError(f"encoding must be rgb8 or bgr8, got {encoding!r}")
+    if encoding == "bgr8":
+        arr = arr[:, :, ::-1]
+    msg = Image()
+    msg.header = _header(header)
+    msg.height, msg.width = int(arr.shape[0]), int(arr.shape[1])
+    msg.encoding = encoding
+    msg.is_bigendian = 0
+    msg.step = 3 * msg.width
+    msg.data = np.ascontiguousarray(arr).tobytes()
+    return msg
+
+
+def camera_info_from_K(K: np.ndarray, width: int, height: int, header: Header) -> CameraInfo:
+    """A ``sensor_msgs/CameraInfo`` of an undistorted pinhole camera with intrinsics ``K``
+    (``plumb_bob`` with zero distortion, identity ``r``, ``p = [K | 0]``)."""
+    K = np.asarray(K, dtype=np.float64).reshape(3, 3)
+    msg = CameraInfo()
+    msg.header = _header(header)
+    msg.width, msg.height = int(width), int(height)
+    msg.distortion_model = "plumb_bob"
+    msg.d = [0.0] * 5
+    msg.k = K.reshape(-1).tolist()
+    msg.r = np.eye(3).reshape(-1).tolist()
+    msg.p = np.concatenate([K, np.zeros((3, 1))], axis=1).reshape(-1).tolist()
+    return msg
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,6 +466,27 @@ def mesh_to_msg(hand: HandResult | None, header: Header) -> PointCloud2:
     return msg
 
 
+def mesh_from_msg(msg: PointCloud2) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(vertices [V, 3] float64, faces [F, 3] int64)`` of a :func:`mesh_to_msg` cloud, shared
+    corners merged (exact float32 equality); ``None`` for an empty cloud (absent hand).
+
+    Raises:
+        ConversionError: a cloud not in the triangle-soup layout.
+    """
+    if msg.height == 0 or msg.width == 0:
+        return None
+    if msg.width != 3 or msg.point_step != 12 or msg.is_bigendian:
+        raise ConversionError(
+            "not an im2hands mesh cloud (expected width 3, point_step 12, little-endian)"
+        )
+    n = int(msg.height)
+    if len(msg.data) < 36 * n:
+        raise ConversionError(f"mesh cloud data has {len(msg.data)} bytes, expected {36 * n}")
+    corners = np.frombuffer(bytes(msg.data), "<f4", count=9 * n).reshape(-1, 3)
+    verts, inverse = np.unique(corners, axis=0, return_inverse=True)
+    return verts.astype(np.float64), inverse.reshape(-1, 3).astype(np.int64)
+
+
 # --------------------------------------------------------------------------------------------
 # keypoints
 
@@ -478,6 +539,52 @@ def keypoints_pose_array(hand: HandResult | None, header: Header) -> PoseArray:
         poses.append(pose)
     msg.poses = poses
     return msg
+
+
+def keypoints_to_pose_array(keypoints: np.ndarray, header: Header) -> PoseArray:
+    """Both hands' keypoints in one ``geometry_msgs/PoseArray`` of 42 poses: left joints 0-20,
+    right joints 21-41, camera frame, metres, identity orientations; an absent hand has NaN
+    positions. This is the node's external ``keypoints`` input format (see
+    :func:`keypoints_from_pose_array`)."""
+    kp = np.asarray(keypoints, dtype=np.float64)
+    if kp.shape != (2, 21, 3):
+        raise ConversionError(f"keypoints must be [2, 21, 3], got {kp.shape}")
+    msg = PoseArray()
+    msg.header = _header(header)
+    poses = []
+    for p in points_from_array(kp.reshape(42, 3)):
+        pose = Pose()
+        pose.position = p
+        pose.orientation.w = 1.0
+        poses.append(pose)
+    msg.poses = poses
+    return msg
+
+
+def keypoints_from_pose_array(msg: PoseArray) -> np.ndarray:
+    """``float64 [2, 21, 3]`` keypoints (NaN rows for an absent hand) from the 42-pose format of
+    :func:`keypoints_to_pose_array`.
+
+    Raises:
+        ConversionError: not 42 poses, a hand with some but not all joints finite, or a present
+            hand with a joint at or behind the camera (z <= 0).
+    """
+    n = len(msg.poses)
+    if n != 42:
+        raise ConversionError(
+            f"keypoints PoseArray must hold 42 poses (left 0-20, right 21-41), got {n}"
+        )
+    kp = np.array(
+        [(p.position.x, p.position.y, p.position.z) for p in msg.poses], dtype=np.float64
+    ).reshape(2, 21, 3)
+    finite = np.isfinite(kp).all(axis=2)
+    for h, name in enumerate(("left", "right")):
+        if finite[h].any() and not finite[h].all():
+            raise ConversionError(f"{name} hand keypoints are partly NaN (all or none)")
+        if finite[h].all() and not (kp[h, :, 2] > 0).all():
+            raise ConversionError(f"{name} hand has keypoints at or behind the camera (z <= 0)")
+    kp[~finite.all(axis=1)] = np.nan
+    return kp
 
 
 # --------------------------------------------------------------------------------------------
