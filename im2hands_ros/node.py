@@ -240,7 +240,7 @@ class Im2HandsNode(LifecycleNode):
 
     def _incompatible_qos(self, topic: str, info: QoSRequestedIncompatibleQoSInfo) -> None:
         s = self.settings
-        self.get_logger().warn(
+        self.get_logger().warning(
             f"incompatible QoS on {self.resolve_topic_name(topic)}: a publisher offers QoS that "
             f"this subscription (reliability {s.qos_reliability if s else '?'}) cannot match "
             f"(policy {info.last_policy_kind}, {info.total_count} so far), so its messages never "
@@ -253,7 +253,7 @@ class Im2HandsNode(LifecycleNode):
         stamp = _stamp_s(msg.header)
         now = self._now()
         if stamp == 0.0:
-            self.get_logger().warn(
+            self.get_logger().warning(
                 "images have no stamp (0): frame age and latency are measured from arrival",
                 once=True,
             )
@@ -321,7 +321,7 @@ class Im2HandsNode(LifecycleNode):
             if len(self._warned) > 256:
                 self._warned.clear()
             self._warned[text] = [now, 0]
-        self.get_logger().warn(text + repeats)
+        self.get_logger().warning(text + repeats)
 
     # ------------------------------------------------------------------ processing (worker thread)
     def _now(self) -> float:
@@ -348,7 +348,7 @@ class Im2HandsNode(LifecycleNode):
         elif not self._default_K_warned:
             self._default_K_warned = True
             self._info["camera_info"] = "default"
-            self.get_logger().warn(
+            self.get_logger().warning(
                 f"no CameraInfo on {self.resolve_topic_name('camera_info')} yet: using the "
                 f"default intrinsics (fx = fy = {max(width, height)} px, principal point at "
                 "the image centre); metric depth will be off until one arrives"
@@ -444,7 +444,7 @@ class Im2HandsNode(LifecycleNode):
                 f"({i.qos_profile.reliability.name.lower()})"
                 for i in infos
             )
-            self.get_logger().warn(
+            self.get_logger().warning(
                 f"no image received on {sub.topic_name} after {NO_DATA_WARNING_S:.0f} s; "
                 + (f"publishers: {offered}" if infos else "nobody publishes it (remap 'image'?)")
             )
@@ -452,12 +452,9 @@ class Im2HandsNode(LifecycleNode):
 
 def main(argv: list[str] | None = None) -> int:
     """``im2hands-node [--ros-args ...]``: the node, unmanaged unless ``autostart:=false``."""
-    try:  # TEMP until fastdds lands
-        from im2hands_ros.fastdds import use_shipped_profile
+    from im2hands_ros.fastdds import use_shipped_profile
 
-        use_shipped_profile()
-    except ImportError:
-        pass
+    use_shipped_profile()  # VGA frames between processes without drops (config/fastdds.xml)
     rclpy.init(args=argv if argv is not None else sys.argv)
     node = Im2HandsNode()
     executor = SingleThreadedExecutor()

@@ -11,6 +11,12 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 # Fast DDS on Linux accepts domain ids 0..101 (port arithmetic); stay within 1..90.
 os.environ.setdefault("ROS_DOMAIN_ID", str(os.getpid() % 90 + 1))
 
+# The nodes load the shipped Fast DDS profile (config/fastdds.xml: a shared-memory segment that
+# holds VGA frames) unless the user chose one; test processes and their children do the same.
+from im2hands_ros.fastdds import use_shipped_profile  # noqa: E402
+
+use_shipped_profile()
+
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
