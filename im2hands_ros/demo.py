@@ -1,0 +1,317 @@
+"""``im2hands-ros-demo``: the node as users run it, measured end to end (the README's main job).
+
+Three processes on this machine only (``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``, a domain id
+of their own, the shipped Fast DDS profile):
+
+1. ``im2hands-synthetic-camera``: rendered two-hand VGA frames + ``CameraInfo`` at ``--rate`` Hz,
+   with ground truth on side topics;
+2. ``im2hands-node``: the reconstruction node. By default its keypoints come from the camera's
+   ground-truth topic (``keypoint_source:=topic``), standing in for an upstream hand-keypoint
+   detector, as the paper's main table does (GT keypoints); ``--keypoints learned`` uses the
+   shipped predictor instead;
+3. this process: a :class:`~im2hands_ros.recorder.Recorder` that measures the latency from each
+   image's stamp to the arrival of its ``/hands/mesh``, saves a few meshes (``.ply``) and
+   overlays (``.png``), and afterwards scores IoU against the ground truth (paper protocol,
+   fewer sample points).
+
+The report is printed and written to ``<out>/demo_report.json``: ``latency_ms_median``,
+``latency_ms_p95``, ``pipeline_ms_median`` (the node's own pipeline time), ``frames_in`` /
+``frames_out`` (node), ``iou`` (mean %), and details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["main"]
+
+
+def _env(domain_id: int | None) -> dict[str, str]:
+    from im2hands_ros.fastdds import use_shipped_profile
+
+    env = dict(os.environ)
+    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    if domain_id is not None:
+        env["ROS_DOMAIN_ID"] = str(domain_id)
+    elif "ROS_DOMAIN_ID" not in env:
+        env["ROS_DOMAIN_ID"] = str(os.getpid() % 90 + 1)  # Fast DDS on Linux: 0..101
+    env["PYTHONUNBUFFERED"] = "1"
+    use_shipped_profile(env)
+    return env
+
+
+def _script(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+def _spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    with open(log, "wb") as fh:
+        return subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # fmt: skip
+
+
+def _stop(proc: subprocess.Popen) -> int | None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
+def _wait_log(log: Path, text: str, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if text in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    tail = log.read_text(errors="replace")[-2500:]
+    raise RuntimeError(f"{what} did not start (see {log}):\n{tail}")
+
+
+def _cpu_seconds(pid: int | None = None) -> float | None:
+    """User + system CPU seconds of a process so far (Linux ``/proc``; ``None`` elsewhere)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def _score(frames: list[Any], n_points: int) -> list[dict[str, Any]]:
+    """IoU (percent) of each recorded frame's hands against its ground truth."""
+    import trimesh
+
+    from im2hands_model.evaluation import hand_metrics
+
+    rows = []
+    for i, rec in enumerate(frames):
+        rng = np.random.default_rng(i)
+        scores = {}
+        for h, side in enumerate(("left", "right")):
+            gt = rec.gt_meshes.get(side)
+            if gt is None:
+                continue
+            pred = rec.meshes.get(side)
+            mesh = trimesh.Trimesh(*pred, process=False) if pred is not None else None
+            m = hand_metrics(mesh, gt[0], gt[1], None, rec.gt_keypoints[h], rng, n_points, 1000)
+            scores[side] = float(m["iou"])
+        if scores:
+            rows.append({"stamp": list(rec.stamp), "iou": scores,
+                         "mean_iou": float(np.mean(list(scores.values())))})  # fmt: skip
+    return rows
+
+
+def _save(frames: list[Any], out: Path, n: int) -> list[str]:
+    """PLY meshes of the first ``n`` recorded frames with meshes, overlays of those with one,
+    and a strip of the overlays (``overview.png``)."""
+    import trimesh
+    from PIL import Image as PILImage
+
+    written: list[str] = []
+    with_mesh = [r for r in frames if any(v is not None for v in r.meshes.values())][:n]
+    for i, rec in enumerate(with_mesh):
+        for side, arrays in rec.meshes.items():
+            if arrays is not None:
+                path = out / f"frame{i}_{side}.ply"
+                trimesh.Trimesh(*arrays, process=False).export(path)
+                written.append(str(path))
+    overlays = [r.overlay for r in frames if r.overlay is not None][:n]
+    for i, rgb in enumerate(overlays):
+        path = out / f"overlay{i}.png"
+        PILImage.fromarray(rgb).save(path)
+        written.append(str(path))
+    if overlays:
+        thumbs = [PILImage.fromarray(o).resize((320, 240)) for o in overlays]
+        strip = PILImage.new("RGB", (320 * len(thumbs), 240))
+        for i, t in enumerate(thumbs):
+            strip.paste(t, (320 * i, 0))
+        strip.save(out / "overview.png")
+        written.append(str(out / "overview.png"))
+    return written
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    frames_dir = out / "ros_demo"
+    frames_dir.mkdir(parents=True, exist_ok=True)
+    env = _env(args.domain_id)
+    os.environ.update({k: env[k] for k in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_DOMAIN_ID")})
+    from im2hands_ros.fastdds import use_shipped_profile
+
+    use_shipped_profile()  # this process (the recorder) too, before rclpy creates a participant
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    from im2hands_ros.recorder import Recorder
+
+    print(f"ROS domain {env['ROS_DOMAIN_ID']}, discovery localhost only; logs in {frames_dir}/")
+    node_params = [f"device:={args.device}", f"resolution:={args.resolution}",
+                   f"keypoint_source:={'topic' if args.keypoints == 'topic' else 'learned'}",
+                   "debug_image_rate:=1.0", f"threads:={args.threads}"]  # fmt: skip
+    node_cmd = [_script("im2hands-node"), "--ros-args",
+                *[a for p in node_params for a in ("-p", p)],
+                "-r", "keypoints:=ground_truth/keypoints"]  # fmt: skip
+    cam_cmd = [_script("im2hands-synthetic-camera"), "--ros-args", "-p", f"rate:={args.rate}",
+               "-p", f"frames:={args.frames}"]  # fmt: skip
+    procs: list[subprocess.Popen] = []
+    rclpy.init()
+    ros_node = rclpy.create_node("im2hands_demo_recorder")
+    recorder = Recorder(ros_node)
+    executor = SingleThreadedExecutor()
+    executor.add_node(ros_node)
+    try:
+        node_log, cam_log = frames_dir / "node.log", frames_dir / "camera.log"
+        procs.append(_spawn(node_cmd, node_log, env))
+        procs.append(_spawn(cam_cmd, cam_log, env))
+        print("starting the node (model + warm-up) and the camera (rendering frames) ...")
+        _wait_log(node_log, "active: listening", procs[0], 300, "im2hands-node")
+        _wait_log(cam_log, "ready", procs[1], 300, "im2hands-synthetic-camera")
+        t_end = time.monotonic() + args.warmup
+        while time.monotonic() < t_end:
+            executor.spin_once(timeout_sec=0.05)
+        skip = len(recorder.latencies_ms)
+        start = recorder.snapshot()["diagnostics"]
+        cpu0 = [_cpu_seconds(procs[0].pid), _cpu_seconds(procs[1].pid), _cpu_seconds()]
+        print(f"measuring for {args.duration:.0f} s at {args.rate:g} Hz ...")
+        t_end = time.monotonic() + args.duration
+        while time.monotonic() < t_end:
+            executor.spin_once(timeout_sec=0.05)
+            for p in procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"{p.args[0]} exited with {p.returncode}")
+        cpu1 = [_cpu_seconds(procs[0].pid), _cpu_seconds(procs[1].pid), _cpu_seconds()]
+        t_end = time.monotonic() + 1.5  # the last diagnostics
+        while time.monotonic() < t_end:
+            executor.spin_once(timeout_sec=0.05)
+    finally:
+        codes = [_stop(p) for p in procs]
+        executor.shutdown()
+        ros_node.destroy_node()
+        rclpy.try_shutdown()
+    snap = recorder.snapshot()
+    diag = snap["diagnostics"]
+    lat = snap["latencies_ms"][skip:]
+    num = lambda d, k: float(d[k]) if d.get(k, "n/a") != "n/a" else None  # noqa: E731
+    frames_in = int(diag.get("frames_in", 0)) - int(start.get("frames_in", 0))
+    frames_out = int(diag.get("frames_out", 0)) - int(start.get("frames_out", 0))
+    complete = recorder.complete_frames()
+    print(f"scoring IoU on {min(len(complete), args.iou_frames)} received frames ...")
+    scored = _score(complete[-args.iou_frames :], args.iou_points)
+    written = _save(complete, frames_dir, args.save)
+    pipeline_median = num(diag, "pipeline_ms_median")
+    lat_median = _percentile(lat, 50)
+    report = {
+        "latency_ms_median": lat_median,
+        "latency_ms_p95": _percentile(lat, 95),
+        "pipeline_ms_median": pipeline_median,
+        "frames_in": frames_in,
+        "frames_out": frames_out,
+        "iou": float(np.mean([r["mean_iou"] for r in scored])) if scored else None,
+        "latency_over_pipeline": (lat_median / pipeline_median)
+        if lat_median and pipeline_median
+        else None,
+        "input_rate_hz": args.rate,
+        "output_rate_hz": frames_out / args.duration,
+        "measured_s": args.duration,
+        "drops": {
+            k[len("dropped_") :]: int(v) - int(start.get(k, 0))
+            for k, v in diag.items()
+            if k.startswith("dropped_")
+        },  # fmt: skip
+        "cpu_percent": {
+            name: 100 * (b - a) / args.duration if a is not None and b is not None else None
+            for name, a, b in zip(("node", "camera", "recorder"), cpu0, cpu1, strict=True)
+        },
+        "cpu_count": os.cpu_count(),
+        "keypoints": "ground truth from the camera (topic)"
+        if args.keypoints == "topic"
+        else "learned predictor",
+        "node": {k: diag.get(k) for k in ("backend", "device", "resolution")},
+        "iou_frames": scored,
+        "files": written,
+        "exit_codes": {"node": codes[0], "camera": codes[1]},
+        "latency_definition": "arrival of /hands/mesh at a subscriber minus the image stamp",
+    }
+    path = out / "demo_report.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)
+    return report
+
+
+def _print(report: dict[str, Any], out: Path) -> None:
+    f = lambda v, fmt="{:.0f}": "n/a" if v is None else fmt.format(v)  # noqa: E731
+    print()
+    print(f"im2hands ROS demo: {report['input_rate_hz']:g} Hz VGA in for "
+          f"{report['measured_s']:.0f} s, keypoints: {report['keypoints']}")  # fmt: skip
+    print(f"  node on {report['node'].get('device')} ({report['node'].get('backend')}, "
+          f"{report['node'].get('resolution')}^3)")  # fmt: skip
+    print(f"  frames in / out      {report['frames_in']} / {report['frames_out']} "
+          f"({report['output_rate_hz']:.1f} Hz out; drops {report['drops']})")  # fmt: skip
+    print(f"  pipeline median      {f(report['pipeline_ms_median'])} ms")
+    print(f"  latency median / p95 {f(report['latency_ms_median'])} / "
+          f"{f(report['latency_ms_p95'])} ms  (image stamp -> /hands/mesh received; "
+          f"{f(report['latency_over_pipeline'], '{:.2f}')}x the pipeline)")  # fmt: skip
+    cpu = report["cpu_percent"]
+    print(f"  CPU (100 % = 1 core) node {f(cpu['node'])} %, camera {f(cpu['camera'])} %, "
+          f"recorder {f(cpu['recorder'])} % of {report['cpu_count']} cores")  # fmt: skip
+    print(f"  IoU vs ground truth  {f(report['iou'], '{:.1f}')} % "
+          f"({len(report['iou_frames'])} frames)")  # fmt: skip
+    print(f"  report: {out / 'demo_report.json'}; meshes and overlays: {out / 'ros_demo'}/")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="im2hands-ros-demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="out", help="output folder (default: out)")
+    p.add_argument("--rate", type=float, default=30.0, help="camera frames per second")
+    p.add_argument("--frames", type=int, default=8, help="distinct rendered frames, cycled")
+    p.add_argument("--duration", type=float, default=20.0, help="measured seconds")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
+    p.add_argument("--keypoints", choices=("topic", "learned"), default="topic",
+                   help="topic: the camera's GT keypoints; learned: the predictor")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="node device (auto, cpu, cuda)")
+    p.add_argument("--resolution", type=int, default=0, help="node mesh resolution (0: auto)")
+    p.add_argument("--threads", type=int, default=0, help="node torch threads (0: default)")
+    p.add_argument("--save", type=int, default=4, help="frames saved as PLY + overlay PNG")
+    p.add_argument("--iou-frames", type=int, default=8, help="frames scored against GT")
+    p.add_argument("--iou-points", type=int, default=50_000, help="IoU sample points per hand")
+    p.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: own)")
+    args = p.parse_args(argv)  # fmt: skip
+    if args.rate <= 0 or args.duration <= 0 or args.frames < 1:
+        p.error("--rate and --duration must be > 0, --frames >= 1")
+    try:
+        report = run(args)
+    except (RuntimeError, OSError) as exc:
+        print(f"im2hands-ros-demo: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    _print(report, Path(args.out))
+    return 0 if report["frames_out"] > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
