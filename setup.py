@@ -105,6 +105,9 @@ setup(
         "console_scripts": [
             "im2hands-data = im2hands_model.data.cli:main",
             "im2hands = im2hands_model.cli:main",
+            "im2hands-node = im2hands_ros.node:main",
+            "im2hands-synthetic-camera = im2hands_ros.synthetic_camera:main",
+            "im2hands-ros-demo = im2hands_ros.demo:main",
         ],
     },
     classifiers=[
