@@ -55,13 +55,26 @@ from im2hands_ros import params
 from im2hands_ros.diagnostics import NodeStats, diagnostic_array, diagnostic_status
 from im2hands_ros.worker import Job, LatestFrameWorker
 
-__all__ = ["Im2HandsNode", "main"]
+__all__ = ["OUTPUTS", "Im2HandsNode", "main"]
 
 NODE_NAME = "im2hands"
 #: Keypoint messages kept while waiting for their image (keypoint_source topic).
 KEYPOINT_BUFFER = 30
 #: Seconds after activation without any image before the node explains what it subscribes to.
 NO_DATA_WARNING_S = 5.0
+
+#: Publications: (key, type, topic relative to the node's namespace); /diagnostics besides.
+OUTPUTS: tuple[tuple[str, type, str], ...] = (
+    ("mesh", MarkerArray, "hands/mesh"),
+    ("left_mesh", PointCloud2, "hands/left/mesh"),
+    ("right_mesh", PointCloud2, "hands/right/mesh"),
+    ("left_keypoints", PoseArray, "hands/left/keypoints"),
+    ("right_keypoints", PoseArray, "hands/right/keypoints"),
+    ("keypoint_markers", MarkerArray, "hands/keypoints"),
+    ("contact_markers", MarkerArray, "hands/contacts"),
+    ("contacts", PointCloud2, "hands/contacts/points"),
+    ("debug_image", Image, "hands/debug_image"),
+)
 
 Ok = TransitionCallbackReturn.SUCCESS
 Failed = TransitionCallbackReturn.FAILURE
@@ -123,17 +136,7 @@ class Im2HandsNode(LifecycleNode):
                       "resolution": self.model.resolution, "keypoint_source": s.keypoint_source,
                       "camera_info": "none yet"}  # fmt: skip
         out = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
-        for key, msg_type, topic in (
-            ("mesh", MarkerArray, "hands/mesh"),
-            ("left_mesh", PointCloud2, "hands/left/mesh"),
-            ("right_mesh", PointCloud2, "hands/right/mesh"),
-            ("left_keypoints", PoseArray, "hands/left/keypoints"),
-            ("right_keypoints", PoseArray, "hands/right/keypoints"),
-            ("keypoint_markers", MarkerArray, "hands/keypoints"),
-            ("contact_markers", MarkerArray, "hands/contacts"),
-            ("contacts", PointCloud2, "hands/contacts/points"),
-            ("debug_image", Image, "hands/debug_image"),
-        ):
+        for key, msg_type, topic in OUTPUTS:
             self._pubs[key] = self.create_lifecycle_publisher(msg_type, topic, out)
         self.worker = LatestFrameWorker(
             self._process, self._now, s.max_frame_age, self._on_drop, self._on_error

@@ -42,6 +42,9 @@ def test_ament_resource_marker_exists():
 def test_console_script_registered():
     scripts = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")}
     assert scripts.get("im2hands-data") == "im2hands_model.data.cli:main"
+    assert scripts.get("im2hands-node") == "im2hands_ros.node:main"
+    assert scripts.get("im2hands-synthetic-camera") == "im2hands_ros.synthetic_camera:main"
+    assert scripts.get("im2hands-ros-demo") == "im2hands_ros.demo:main"
 
 
 def _imported_top_level_modules(source: str) -> set[str]:
@@ -79,3 +82,10 @@ def test_wheel_carries_the_shipped_weights(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = [w for w in weights if f"im2hands_model/weights/{w}" not in names]
     assert not missing, f"not in the wheel: {missing}"
+    # launch and config files land in <prefix>/share/im2hands_ros (where ROS tools and
+    # im2hands_ros.fastdds look for them)
+    share = {n.split("/data/share/", 1)[1] for n in names if "/data/share/" in n}
+    for f in ("im2hands_ros/launch/reconstruct.launch.py", "im2hands_ros/config/im2hands.yaml",
+              "im2hands_ros/config/fastdds.xml", "im2hands_ros/config/im2hands.rviz",
+              "im2hands_ros/package.xml"):  # fmt: skip
+        assert f in share, f"{f} not in the wheel's data: {sorted(share)}"
