@@ -1,7 +1,9 @@
 # im2hands — set-up, demo and tests on a fresh Debian machine with Python 3.11.
 #
-#   make demo    set everything up, generate a small synthetic two-hand dataset + contact sheet,
-#                reconstruct it with the shipped weights, and run the pipeline on camera frames
+#   make demo    set everything up, then run the ROS 2 node on the synthetic camera's frames
+#                (camera, node and a recorder as separate processes; report, meshes, overlays)
+#   make demo-data  a small synthetic dataset + contact sheet, reconstructed with the shipped
+#                weights, and the pipeline on camera frames (the library without ROS)
 #   make test    set everything up, then run the full test suite (what CI runs: .ci/run)
 #
 # `make setup` is idempotent: each step leaves a stamp in $(STAMPS) and is redone only when the
@@ -24,6 +26,7 @@ DEMO_N ?= 24
 DEMO_SEED ?= 0
 DEMO_WORKERS ?= 2
 DEMO_OUT ?= out/demo_data
+DEMO_SECONDS ?= 20
 PYTEST_ARGS ?=
 TEST_ROS_DOMAIN_ID ?=
 
@@ -32,10 +35,11 @@ ifeq ($(wildcard $(VPY)),)
 $(shell rm -f $(STAMPS)/venv $(STAMPS)/torch $(STAMPS)/deps)
 endif
 
-.PHONY: help setup demo test lint clean distclean
+.PHONY: help setup demo demo-data test lint clean distclean
 
 help:
-	@echo "make demo       set up, then generate $(DEMO_N) synthetic two-hand scenes in $(DEMO_OUT)"
+	@echo "make demo       set up, then run the ROS 2 node on synthetic camera frames (out/demo_report.json)"
+	@echo "make demo-data  set up, then generate $(DEMO_N) synthetic scenes in $(DEMO_OUT) and reconstruct them"
 	@echo "make test       set up, then run the full test suite (CI runs this)"
 	@echo "make setup      system EGL/Mesa packages, $(VENV) with torch==$(TORCH_VERSION), pip install -e '.[dev]'"
 	@echo "make lint       ruff check"
@@ -109,7 +113,18 @@ $(STAMPS)/deps: $(STAMPS)/torch setup.py setup.cfg pyproject.toml
 	@touch $@
 
 # --- the two README commands ------------------------------------------------------------------
+# The main job: the ROS 2 node on the synthetic camera's frames, as separate processes on this
+# machine only (own ROS domain, localhost discovery), measured end to end.
 demo: setup
+	$(VENV)/bin/im2hands-ros-demo --out out --duration $(DEMO_SECONDS)
+	@echo
+	@echo "report:   out/demo_report.json"
+	@echo "pictures: out/ros_demo/overview.png (overlays of received meshes), out/ros_demo/overlay*.png"
+	@echo "meshes:   out/ros_demo/frame*_{left,right}.ply; logs: out/ros_demo/{node,camera}.log"
+
+# The library on its own: a synthetic dataset with its contact sheet, the shipped weights on four
+# of its scenes (accuracy table), and the pipeline on rendered camera frames.
+demo-data: setup
 	rm -rf "$(DEMO_OUT)"
 	$(VENV)/bin/im2hands-data synth --n $(DEMO_N) --seed $(DEMO_SEED) --out "$(DEMO_OUT)" \
 	  --workers $(DEMO_WORKERS)

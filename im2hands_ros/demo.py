@@ -41,10 +41,9 @@ def _env(domain_id: int | None) -> dict[str, str]:
 
     env = dict(os.environ)
     env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    if domain_id is not None:
-        env["ROS_DOMAIN_ID"] = str(domain_id)
-    elif "ROS_DOMAIN_ID" not in env:
-        env["ROS_DOMAIN_ID"] = str(os.getpid() % 90 + 1)  # Fast DDS on Linux: 0..101
+    # a domain of its own (not the shell's), so the demo never meets a robot's nodes; Fast DDS
+    # on Linux accepts 0..101
+    env["ROS_DOMAIN_ID"] = str(domain_id if domain_id is not None else os.getpid() % 90 + 1)
     env["PYTHONUNBUFFERED"] = "1"
     use_shipped_profile(env)
     return env

@@ -88,7 +88,8 @@ def test_managed_node_lifecycle_compressed_images_and_qos_warning(tmp_path):
     log = tmp_path / "node.log"
     frame = synthetic_frames(1)[0]
     args = ["autostart:=false", "device:=cpu", "resolution:=64", "warmup_frames:=0",
-            "image_transport:=compressed", "qos_reliability:=reliable"]  # fmt: skip
+            "image_transport:=compressed", "qos_reliability:=reliable",
+            "output_frame:=hands_frame"]  # fmt: skip
     remaps = ["-r", "image:=/cam/image", "-r", "camera_info:=/cam/camera_info"]
     params = [a for p in args for a in ("-p", p)]
     proc = spawn(["im2hands-node", "--ros-args", *params, *remaps], log)
@@ -131,6 +132,7 @@ def test_managed_node_lifecycle_compressed_images_and_qos_warning(tmp_path):
         wait_for(lambda: any(m.markers and stamp(m.markers[0]) == key for _, m in mesh), 90,
                  "/hands/mesh for the JPEG", log)  # fmt: skip
         out = next(m for _, m in mesh if m.markers and stamp(m.markers[0]) == key)
+        assert {m.header.frame_id for m in out.markers} == {"hands_frame"}  # the override
         for m in out.markers:  # learned keypoints: a hand is meshed or its marker deleted
             assert m.action == Marker.DELETE or (
                 m.type == Marker.TRIANGLE_LIST and len(m.points) % 3 == 0 and len(m.points)
