@@ -411,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
             raise _Interrupted
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    from im2hands_ros.fastdds import use_shipped_profile
+
+    use_shipped_profile()  # VGA frames to other processes without drops (config/fastdds.xml)
     context = rclpy.Context()
     camera: SyntheticCamera | None = None
     executor: SingleThreadedExecutor | None = None
