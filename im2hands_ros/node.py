@@ -3,9 +3,9 @@
 A lifecycle node (``rclpy.lifecycle``) and a thin shell over :class:`im2hands_model.Im2Hands`:
 
 * **configure** reads and checks the parameters (:mod:`~im2hands_ros.params`), loads the model,
-  reconstructs a few warm-up frames, and creates the publishers and the worker thread;
+  reconstructs a few warm-up frames, and creates the publishers;
 * **activate** subscribes to the inputs; **deactivate** unsubscribes and lets the running frame
-  finish; **cleanup** ends the worker and releases the model and publishers.
+  finish; **cleanup** releases the model and publishers.
 
 With ``autostart`` (the default) the node configures and activates itself, so it also runs
 unmanaged: ``im2hands-node --ros-args -p device:=cpu -r image:=/camera/image_raw``.
@@ -24,7 +24,8 @@ bone markers), ``hands/contacts`` (contact markers, penetration coloured by dept
 ``hands/contacts/points`` (``PointCloud2`` with depth), ``hands/debug_image`` (the overlay) and
 ``/diagnostics``.
 
-Frames are processed off the executor thread, newest first (:mod:`~im2hands_ros.worker`); bad
+Frames are processed off the executor thread, newest first (:mod:`~im2hands_ros.worker`; with
+``im2hands-node`` on the main thread while the executor spins on another); bad
 messages are dropped with a (throttled) warning and counted in ``/diagnostics``.
 """
 
@@ -91,13 +92,18 @@ def _stamp_key(header: Header) -> tuple[int, int]:
 class Im2HandsNode(LifecycleNode):
     """The reconstruction node (module docstring). Parameters: :data:`params.PARAMETERS`."""
 
-    def __init__(self, node_name: str = NODE_NAME, **kwargs: Any) -> None:
+    def __init__(self, node_name: str = NODE_NAME, own_thread: bool = True, **kwargs: Any) -> None:
+        """``own_thread``: frames are processed on a thread the node starts; ``False``: the
+        caller runs ``node.worker.run()`` (blocking) on a thread of its choice, as :func:`main`
+        does with the main thread while the executor spins on another."""
         super().__init__(node_name, **kwargs)
         params.declare(self)
         self.settings: params.NodeSettings | None = None
         self.model: Any = None
         self.stats = NodeStats()
-        self.worker: LatestFrameWorker | None = None
+        self.worker = LatestFrameWorker(
+            self._process, self._now, 0.0, self._on_drop, self._on_error, start=own_thread
+        )
         self._state = "unconfigured"
         self._subs: list[Any] = []
         self._pubs: dict[str, Any] = {}
@@ -138,9 +144,7 @@ class Im2HandsNode(LifecycleNode):
         out = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
         for key, msg_type, topic in OUTPUTS:
             self._pubs[key] = self.create_lifecycle_publisher(msg_type, topic, out)
-        self.worker = LatestFrameWorker(
-            self._process, self._now, s.max_frame_age, self._on_drop, self._on_error
-        )
+        self.worker.max_age = s.max_frame_age
         gc.collect()
         gc.freeze()  # the model's objects never need scanning again (smaller GC pauses)
         self._state = "inactive"
@@ -182,8 +186,7 @@ class Im2HandsNode(LifecycleNode):
             self.destroy_subscription(sub)
         self._subs.clear()
         self._waiting = None
-        if self.worker is not None:
-            self.worker.wait_idle(30.0)
+        self.worker.wait_idle(30.0)
         self._state = "inactive"
         return super().on_deactivate(state)
 
@@ -197,13 +200,12 @@ class Im2HandsNode(LifecycleNode):
             self.destroy_subscription(sub)
         self._subs.clear()
         self._release()
+        self.worker.request_stop()
         self._state = "finalized"
         return Ok
 
     def _release(self) -> None:
-        if self.worker is not None:
-            self.worker.stop()
-            self.worker = None
+        self.worker.wait_idle(30.0)
         for pub in self._pubs.values():
             self.destroy_lifecycle_publisher(pub)
         self._pubs.clear()
@@ -264,7 +266,7 @@ class Im2HandsNode(LifecycleNode):
         job = Job(msg, stamp, received=now)
         if self.settings is not None and self.settings.keypoint_source == "topic":
             self._pair_image(job)
-        elif self.worker is not None:
+        else:
             self.worker.submit(job)
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
@@ -294,8 +296,7 @@ class Im2HandsNode(LifecycleNode):
             if wkey == key:
                 self._waiting = None
                 waiting.extra["keypoints"] = kp
-                if self.worker is not None:
-                    self.worker.submit(waiting)
+                self.worker.submit(waiting)
             elif key > wkey:  # keypoints moved past the waiting image: they never come for it
                 self._waiting = None
                 self._on_drop(waiting, "no_keypoints")
@@ -304,8 +305,7 @@ class Im2HandsNode(LifecycleNode):
         kp = self._keypoints.get(_stamp_key(job.payload.header))
         if kp is not None:
             job.extra["keypoints"] = kp
-            if self.worker is not None:
-                self.worker.submit(job)
+            self.worker.submit(job)
             return
         if self._waiting is not None:
             self._on_drop(self._waiting, "no_keypoints")
@@ -362,7 +362,7 @@ class Im2HandsNode(LifecycleNode):
         from im2hands_model.pipeline.frame import InputError
 
         s, model = self.settings, self.model
-        if s is None or model is None:
+        if s is None or model is None or self._state != "active":
             return
         msg = job.payload
         try:
@@ -454,15 +454,27 @@ class Im2HandsNode(LifecycleNode):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``im2hands-node [--ros-args ...]``: the node, unmanaged unless ``autostart:=false``."""
+    """``im2hands-node [--ros-args ...]``: the node, unmanaged unless ``autostart:=false``.
+
+    The executor spins on a background thread and frames are reconstructed on the main thread
+    (see :class:`~im2hands_ros.worker.LatestFrameWorker`: torch runs faster there)."""
     from im2hands_ros.fastdds import use_shipped_profile
 
     use_shipped_profile()  # VGA frames between processes without drops (config/fastdds.xml)
     rclpy.init(args=argv if argv is not None else sys.argv)
-    node = Im2HandsNode()
+    node = Im2HandsNode(own_thread=False)
     executor = SingleThreadedExecutor()
     executor.add_node(node)
-    code = 0
+    rclpy.get_default_context().on_shutdown(node.worker.request_stop)  # SIGINT, SIGTERM
+
+    def spin() -> None:
+        try:
+            executor.spin()
+        except (KeyboardInterrupt, ExternalShutdownException):
+            pass
+        finally:
+            node.worker.request_stop()
+
     try:
         if node.get_parameter("autostart").value:
             node.trigger_configure()
@@ -470,15 +482,17 @@ def main(argv: list[str] | None = None) -> int:
                 node.get_logger().fatal("configure failed (see above); exiting")
                 return 2
             node.trigger_activate()
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
+        spinner = threading.Thread(target=spin, name="im2hands-executor", daemon=True)
+        spinner.start()
+        node.worker.run()  # until shutdown
+    except KeyboardInterrupt:
         pass
     finally:
         if node._state in ("active", "inactive"):
             node._release()
         node.destroy_node()
         rclpy.try_shutdown()
-    return code
+    return 0
 
 
 if __name__ == "__main__":

@@ -40,6 +40,10 @@ class LatestFrameWorker:
             ``0``: no limit.
         on_drop: called with ``(job, reason)`` for superseded and too-old jobs.
         on_error: called with ``(job, exception)``.
+        start: start the processing thread now; ``False``: the caller runs :meth:`run` on a
+            thread of its choice (the node's ``main`` uses the main thread, where torch's CPU
+            kernels measured ~30 % faster than on a second thread: median 386 vs 559 ms per
+            frame on this 2-core machine, same frames, same process).
     """
 
     def __init__(
@@ -50,6 +54,7 @@ class LatestFrameWorker:
         on_drop: Callable[[Job, str], None] | None = None,
         on_error: Callable[[Job, BaseException], None] | None = None,
         name: str = "im2hands-worker",
+        start: bool = True,
     ) -> None:
         self._process = process
         self._now = now
@@ -60,8 +65,12 @@ class LatestFrameWorker:
         self._slot: Job | None = None
         self._busy = False
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+        self._in_run = False
+        if start:
+            self._thread = threading.Thread(target=self.run, name=name, daemon=True)
+            self._thread.start()
 
     def submit(self, job: Job) -> None:
         """Offer a job; a job still waiting in the slot is superseded by it."""
@@ -84,16 +93,34 @@ class LatestFrameWorker:
         with self._cond:
             return self._cond.wait_for(lambda: self._slot is None and not self._busy, timeout)
 
-    def stop(self, timeout: float = 30.0) -> bool:
-        """Finish the running job, discard a waiting one, end the thread; whether it ended."""
+    def request_stop(self) -> None:
+        """Make :meth:`run` return after the running job (safe from any thread or callback)."""
         with self._cond:
             self._stopping = True
             self._slot = None
             self._cond.notify_all()
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
 
-    def _run(self) -> None:
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Finish the running job, discard a waiting one, end the loop; whether it ended."""
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        if not self._in_run:  # run() never started (or already returned)
+            return True
+        return self._done.wait(timeout)
+
+    def run(self) -> None:
+        """The processing loop (on the worker's own thread, or the caller's with ``start=False``);
+        returns after :meth:`stop` / :meth:`request_stop`."""
+        self._in_run = True
+        try:
+            self._loop()
+        finally:
+            self._in_run = False
+            self._done.set()
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._slot is not None or self._stopping)
