@@ -70,6 +70,24 @@ def test_worker_drops_frames_older_than_the_limit_and_survives_errors():
         assert w.stop(5)
 
 
+def test_worker_loop_on_the_callers_thread_until_stopped():
+    done = []
+    w = LatestFrameWorker(lambda job: done.append(threading.current_thread().name),
+                          now=time.monotonic, start=False)  # fmt: skip
+    assert w.stop(1)  # never ran: nothing to wait for
+    w = LatestFrameWorker(lambda job: done.append(threading.current_thread().name),
+                          now=time.monotonic, start=False)  # fmt: skip
+
+    def feed() -> None:
+        w.submit(Job(1, time.monotonic()))
+        time.sleep(0.2)
+        w.request_stop()
+
+    threading.Thread(target=feed, name="feeder").start()
+    w.run()  # returns once the feeder asks it to stop
+    assert done == [threading.current_thread().name]
+
+
 # ---------------------------------------------------------------------------------- lifecycle
 def _jpeg(rgb: np.ndarray, header: Header) -> CompressedImage:
     buf = io.BytesIO()
