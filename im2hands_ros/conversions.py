@@ -530,15 +530,20 @@ def keypoints_pose_array(hand: HandResult | None, header: Header) -> PoseArray:
     msg.header = _header(header)
     if hand is None:
         return msg
-    joints = np.asarray(hand.keypoints, dtype=np.float64).reshape(21, 3)
+    msg.poses = _poses(np.asarray(hand.keypoints, dtype=np.float64).reshape(21, 3))
+    return msg
+
+
+def _poses(xyz: np.ndarray) -> list[Pose]:
+    """Poses at ``xyz [N, 3]`` with identity orientations (tens of objects: the Pose wrapper is
+    not worth a fast path)."""
     poses = []
-    for p in points_from_array(joints):  # 21 objects: the Pose wrapper is not worth a fast path
+    for p in points_from_array(xyz):
         pose = Pose()
         pose.position = p
         pose.orientation.w = 1.0
         poses.append(pose)
-    msg.poses = poses
-    return msg
+    return poses
 
 
 def keypoints_to_pose_array(keypoints: np.ndarray, header: Header) -> PoseArray:
@@ -551,13 +556,7 @@ def keypoints_to_pose_array(keypoints: np.ndarray, header: Header) -> PoseArray:
         raise ConversionError(f"keypoints must be [2, 21, 3], got {kp.shape}")
     msg = PoseArray()
     msg.header = _header(header)
-    poses = []
-    for p in points_from_array(kp.reshape(42, 3)):
-        pose = Pose()
-        pose.position = p
-        pose.orientation.w = 1.0
-        poses.append(pose)
-    msg.poses = poses
+    msg.poses = _poses(kp.reshape(42, 3))
     return msg
 
 
