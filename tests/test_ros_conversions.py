@@ -416,3 +416,53 @@ def test_timing_60k_vertex_mesh_marker(capsys):
             f"naive Point list {1e3 * (t2 - t1):.1f} ms, serialize {1e3 * (t3 - t2):.1f} ms "
             f"({len(data) / 1e6:.2f} MB), mesh_to_msg PointCloud2 {1e3 * (t4 - t3):.1f} ms"
         )
+
+
+def test_keypoints_pose_array_round_trip_and_refusals():
+    kp = np.random.default_rng(0).uniform(-0.1, 0.1, (2, 21, 3)) + [0.0, 0.0, 0.6]
+    kp[0] = np.nan  # left hand absent
+    msg = conv.keypoints_to_pose_array(kp, Header(frame_id="cam"))
+    back = conv.keypoints_from_pose_array(  # (NaN != NaN, so not _roundtrip's equality check)
+        deserialize_message(serialize_message(msg), PoseArray)
+    )
+    np.testing.assert_allclose(back, kp, equal_nan=True)
+    part = kp.copy()
+    part[1, 3] = np.nan
+    with pytest.raises(conv.ConversionError, match="partly NaN"):
+        conv.keypoints_from_pose_array(conv.keypoints_to_pose_array(part, Header()))
+    behind = kp.copy()
+    behind[1, :, 2] = -0.5
+    with pytest.raises(conv.ConversionError, match="behind the camera"):
+        conv.keypoints_from_pose_array(conv.keypoints_to_pose_array(behind, Header()))
+    short = conv.keypoints_to_pose_array(kp, Header())
+    short.poses = short.poses[:21]
+    with pytest.raises(conv.ConversionError, match="42 poses"):
+        conv.keypoints_from_pose_array(short)
+
+
+def test_mesh_cloud_round_trip_is_watertight_and_layout_is_checked():
+    sphere = trimesh.creation.icosphere(subdivisions=2, radius=0.05)
+    hand = HandResult("left", sphere, np.zeros((21, 3)), 1.0)
+    verts, faces = conv.mesh_from_msg(_roundtrip(conv.mesh_to_msg(hand, Header())))
+    back = trimesh.Trimesh(verts, faces)
+    assert back.is_watertight and len(back.vertices) == len(sphere.vertices)
+    assert abs(back.volume - sphere.volume) < 1e-6
+    assert conv.mesh_from_msg(conv.mesh_to_msg(None, Header())) is None
+    bad = conv.mesh_to_msg(hand, Header())
+    bad.width = 4
+    with pytest.raises(conv.ConversionError, match="not an im2hands mesh cloud"):
+        conv.mesh_from_msg(bad)
+
+
+def test_numpy_to_image_and_camera_info():
+    rgb = np.random.default_rng(1).integers(0, 255, (5, 7, 3), dtype=np.uint8)
+    for enc in ("rgb8", "bgr8"):
+        msg = _roundtrip(conv.rgb_to_image(rgb, Header(frame_id="cam"), enc))
+        assert msg.encoding == enc and msg.step == 21
+        np.testing.assert_array_equal(conv.image_to_rgb(msg), rgb)
+    with pytest.raises(conv.ConversionError, match="uint8"):
+        conv.rgb_to_image(rgb.astype(np.float32), Header())
+    K = np.array([[500.0, 0, 320], [0, 510, 240], [0, 0, 1]])
+    info = _roundtrip(conv.camera_info_from_K(K, 640, 480, Header(frame_id="cam")))
+    np.testing.assert_array_equal(conv.camera_info_to_K(info), K)
+    assert (info.width, info.height, info.header.frame_id) == (640, 480, "cam")
