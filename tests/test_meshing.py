@@ -442,3 +442,19 @@ def test_band_refinement_of_an_empty_grid_is_empty():
     grid, _ = mise_grid(lambda p: torch.zeros(p.shape[:2]), 2, 8, 1)
     refined, stats = band_refined_grid(grid, 0.5, lambda p: p, lambda f, probs: probs, coarse=True)
     assert grid_meshes(refined, 0.5) == [None, None] and stats.points_per_hand == [0, 0]
+
+
+def test_paper_table_puts_ours_beside_the_published_numbers():
+    from im2hands_model.evaluation import PUBLISHED_MESHES, paper_table_markdown
+
+    summary = {
+        "variants": {"HALO": {"iou": 70.04, "chamfer_mm": 2.9}, "I+R": {"iou": 76.25,
+                                                                        "chamfer_mm": 2.4}},
+        "keypoints": {"sources": {"pred. kpts + K": {"mpjpe_mm": 11.5}}},
+    }  # fmt: skip
+    md = paper_table_markdown(summary)
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    assert "| 76.2 | 77.8 | 2.40 | 2.30 |" in rows["Im2Hands (I+R)"]
+    assert f"| 70.0 | {PUBLISHED_MESHES['HALO']['iou']:.1f} |" in rows["HALO (keypoint-only I)"]
+    assert "| – | – | – | – |" in rows["Im2Hands I (no R)"]  # not evaluated, not published
+    assert "| 8.79 |" in rows["IntagHand (paper)"] and "| 11.50 |" in rows["pred. kpts + K (ours)"]

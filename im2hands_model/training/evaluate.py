@@ -45,6 +45,7 @@ from im2hands_model.evaluation import (
     MetricTable,
     comparison_picture,
     hand_metrics,
+    paper_table_markdown,
     scene_contact_cm2,
     scene_penetration_cm3,
     summary_markdown,
@@ -608,6 +609,14 @@ def results_markdown(summary: dict, notes: str = "") -> str:
         if kp.get("note"):
             lines += ["", f"({kp['note']})"]
         lines.append("")
+    lines += [
+        "## In the paper's layout",
+        "",
+        "Published numbers: InterHand2.6M test set (interacting hands). Ours compare with them "
+        "only when the data above is InterHand2.6M (`im2hands-data interhand`).",
+        "",
+        paper_table_markdown(summary),
+    ]
     if picture:
         lines += [f"![input, ground truth and predictions]({picture})", ""]
     if notes:
