@@ -91,6 +91,8 @@ setup(
         # wheels ship the same module)
         "onnx": ["onnx>=1.16", "onnxruntime>=1.17"],
         "gpu": ["onnx>=1.16", "onnxruntime-gpu>=1.17"],
+        # the MANO hand layer (InterHand2.6M); smplx's code licence is non-commercial (MPI)
+        "mano": ["smplx==0.1.28"],
         # the ROS 2 wheels too, so that CI runs the im2hands_ros tests
         "dev": [
             "pytest",
@@ -98,6 +100,7 @@ setup(
             "ruff",
             "onnx>=1.16",
             "onnxruntime>=1.17",
+            "smplx==0.1.28",
             *ROS_DISTRO_WHEELS,
         ],
     },
