@@ -73,6 +73,30 @@ class Scene:
     info: dict = field(default_factory=dict)  # statistics for the report (not stored per item)
 
 
+def crop_square(uv: np.ndarray, fill: float = CROP_FILL) -> tuple[np.ndarray, float]:
+    """The IntagHand-style square crop around image points ``uv`` ``[N, 2]`` (pixels).
+
+    The square is centred on the points' bounding box, whose longer side spans ``fill`` of it.
+
+    Returns:
+        ``(centre [2], side)`` in pixels.
+    """
+    lo, hi = uv.min(0), uv.max(0)
+    return 0.5 * (lo + hi), (hi - lo).max() / fill
+
+
+def crop_intrinsics(K: np.ndarray, corner: np.ndarray, side: float, size: int) -> np.ndarray:
+    """Intrinsics of the square ``[x0, x0 + side) x [y0, y0 + side)`` of an image (``corner`` =
+    ``(x0, y0)``, pixels) resampled to ``size`` x ``size`` pixels (same pixel convention)."""
+    x0, y0 = corner
+    scale = size / side
+    return np.array(
+        [[K[0, 0] * scale, 0, (K[0, 2] - x0) * scale],
+         [0, K[1, 1] * scale, (K[1, 2] - y0) * scale],
+         [0, 0, 1]]
+    )  # fmt: skip
+
+
 def scene_rng(seed: int, index: int) -> np.random.Generator:
     """The random stream of scene ``index`` of a dataset made with ``seed``."""
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
@@ -317,17 +341,9 @@ class SceneGenerator:
         """Render the crop (and optionally the full frame) of the posed hands."""
         size = self.image_size
         visible = np.concatenate([verts[h] for h in range(2) if present[h]])
-        uv = project_points(visible, K_full)
-        lo, hi = uv.min(0), uv.max(0)
-        side = (hi - lo).max() / CROP_FILL
-        centre = 0.5 * (lo + hi) + rng.normal(0, 0.03 * side, 2)
-        x0, y0 = centre - side / 2
-        scale = size / side
-        K_crop = np.array(
-            [[K_full[0, 0] * scale, 0, (K_full[0, 2] - x0) * scale],
-             [0, K_full[1, 1] * scale, (K_full[1, 2] - y0) * scale],
-             [0, 0, 1]]
-        )  # fmt: skip
+        centre, side = crop_square(project_points(visible, K_full))
+        centre = centre + rng.normal(0, 0.03 * side, 2)
+        K_crop = crop_intrinsics(K_full, centre - side / 2, side, size)
         person_tone = SKIN_TONES[rng.integers(len(SKIN_TONES))]
         meshes = []
         for h in range(2):
