@@ -70,6 +70,56 @@ def _rotation_xyz(angles_deg: torch.Tensor) -> torch.Tensor:
     return rz.reshape(shape) @ ry.reshape(shape) @ rx.reshape(shape)
 
 
+def seal_with_fan_cap(
+    faces: np.ndarray, vertices: np.ndarray, flip_if_inward: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Close a mesh's one boundary loop (a hand's wrist opening) with a fan cap.
+
+    The cap joins each boundary edge to a new centre vertex with index ``len(vertices)`` (the
+    caller appends it, e.g. the mean of the loop or the wrist joint) and winds like the faces
+    around it, so the sealed mesh is watertight and consistently oriented.
+
+    Args:
+        faces: ``[F, 3]`` triangles of a disk-topology mesh.
+        vertices: ``[V, 3]`` rest vertices, used only to check the orientation.
+        flip_if_inward: if the sealed mesh encloses a negative volume (faces wound inward),
+            reverse every face instead of raising.
+
+    Returns:
+        ``(sealed_faces [F + L, 3] int64, loop [L] int64)``: the faces with the cap appended and
+        the boundary loop's vertex indices in order.
+
+    Raises:
+        ValueError: no opening, more than one opening, or inward faces (without
+            ``flip_if_inward``).
+    """
+    import igl
+
+    faces = np.asarray(faces, dtype=np.int64)
+    loop = np.asarray(igl.boundary_loop(faces), dtype=np.int64)
+    if loop.size < 3:
+        raise ValueError("no wrist opening to seal")
+    edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    directed = set(map(tuple, edges.tolist()))
+    boundary = [e for e in directed if (e[1], e[0]) not in directed]
+    if len(boundary) != loop.size:
+        raise ValueError(f"{len(boundary)} boundary edges but the wrist loop has {loop.size}")
+    if (int(loop[0]), int(loop[1])) not in directed:  # make the loop run along the faces
+        loop = loop[::-1].copy()
+    centre = np.full(loop.size, len(vertices), dtype=np.int64)
+    cap = np.stack([np.roll(loop, -1), loop, centre], axis=1)
+    sealed = np.concatenate([faces, cap])
+    # Orientation: outward faces enclose a positive volume.
+    v = np.concatenate([vertices, vertices[loop].mean(0, keepdims=True)])
+    tri = v[sealed]
+    volume = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6
+    if volume < 0:
+        if not flip_if_inward:
+            raise ValueError("unexpected face orientation (negative volume)")
+        sealed = sealed[:, ::-1].copy()
+    return sealed, loop
+
+
 class AnnyHand:
     """A posable, watertight right hand built on Anny.
 
@@ -111,20 +161,10 @@ class AnnyHand:
     # -- set-up -------------------------------------------------------------------------------
     def _seal(self, faces: np.ndarray, vertices: np.ndarray) -> np.ndarray:
         """Close the wrist opening with a fan around an added centre vertex (index V)."""
-        import igl
-
-        loop = np.asarray(igl.boundary_loop(faces))
-        if loop.size < 3:
-            raise RuntimeError("the Anny hand mesh has no wrist opening to seal")
-        centre = np.full(loop.size, self.num_template_vertices)
-        cap = np.stack([np.roll(loop, -1), loop, centre], axis=1)
-        sealed = np.concatenate([faces, cap])
-        # Orientation: the cap must wind like the rest of the mesh (positive volume).
-        v = np.concatenate([vertices, vertices[loop].mean(0, keepdims=True)])  # centre ~ wrist
-        tri = v[sealed]
-        volume = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6
-        if volume < 0:
-            raise RuntimeError("unexpected face orientation in the Anny hand mesh")
+        try:
+            sealed, _ = seal_with_fan_cap(faces, vertices[: self.num_template_vertices])
+        except ValueError as exc:
+            raise RuntimeError(f"the Anny hand mesh: {exc}") from None
         return sealed
 
     def _find_tip_vertices(

@@ -2,6 +2,7 @@
 
 im2hands-data synth --n N --seed S --out DIR [--workers W] [--points-per-hand P]
                     [--image-size S] [--full-frame] [--shard-size K] [--overwrite]
+im2hands-data convert-mano MANO_DIR OUT_DIR
 """
 
 from __future__ import annotations
@@ -80,7 +81,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.add_argument("--no-contact-sheet", action="store_true", help="skip contact_sheet.png")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
+    mano = sub.add_parser(
+        "convert-mano",
+        help="convert the official MANO pickles to npz (no chumpy needed)",
+        description="Convert MANO_RIGHT.pkl and MANO_LEFT.pkl (from mano_v1_2.zip, found in "
+        "MANO_DIR or MANO_DIR/models) to MANO_RIGHT.npz and MANO_LEFT.npz in OUT_DIR, and check "
+        "that they load (needs the mano extra: pip install 'im2hands_ros[mano]').",
+    )
+    mano.add_argument("mano_dir", type=Path, help="folder with the official MANO .pkl files")
+    mano.add_argument("out_dir", type=Path, help="folder for the .npz files")
     return parser
+
+
+def _convert_mano(args: argparse.Namespace) -> int:
+    from im2hands_model.data.mano import ManoFileError, ManoModel, MissingSmplxError, convert_mano
+
+    try:
+        written = convert_mano(args.mano_dir, args.out_dir)
+        for path in written:
+            print(path)
+        for side in ("right", "left"):  # load them as the readers will
+            ManoModel.from_npz_dir(args.out_dir, side)
+    except (ManoFileError, MissingSmplxError) as exc:
+        print(f"im2hands-data: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> str | None:
@@ -151,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "synth":
         return _synth(args)
+    if args.command == "convert-mano":
+        return _convert_mano(args)
     return 2  # pragma: no cover - argparse enforces the sub-command
 
 
