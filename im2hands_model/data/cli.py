@@ -3,6 +3,9 @@
 im2hands-data synth --n N --seed S --out DIR [--workers W] [--points-per-hand P]
                     [--image-size S] [--full-frame] [--shard-size K] [--overwrite]
 im2hands-data convert-mano MANO_DIR OUT_DIR
+im2hands-data interhand --root IH26M --mano MANO_NPZ_DIR --split train|val|test --out DIR
+                        [--max-frames N] [--points-per-hand P] [--image-size S] [--shard-size K]
+                        [--workers W] [--seed S] [--overwrite]
 """
 
 from __future__ import annotations
@@ -90,7 +93,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mano.add_argument("mano_dir", type=Path, help="folder with the official MANO .pkl files")
     mano.add_argument("out_dir", type=Path, help="folder for the .npz files")
+    _add_interhand_parser(sub)
     return parser
+
+
+def _add_interhand_parser(sub: argparse._SubParsersAction) -> None:
+    ih = sub.add_parser(
+        "interhand",
+        help="convert InterHand2.6M v1.0 (5 fps) interacting frames to shards",
+        description="Convert the interacting frames of one InterHand2.6M v1.0 split (annotations "
+        "in ROOT/annotations/<split>/, images in ROOT/images/<split>/) into the shard format of "
+        "the synthetic data: IntagHand-style crops, MANO meshes (sealed) and occupancy labels. "
+        "Skipped frames are counted per reason in the printed summary, report.json and "
+        "index.json.",
+    )
+    ih.add_argument("--root", type=Path, required=True, help="InterHand2.6M root folder")
+    ih.add_argument(
+        "--mano",
+        type=Path,
+        required=True,
+        help="folder with MANO_RIGHT.npz / MANO_LEFT.npz (from im2hands-data convert-mano)",
+    )
+    ih.add_argument("--split", choices=("train", "val", "test"), required=True)
+    ih.add_argument("--out", type=Path, required=True, help="output folder")
+    ih.add_argument(
+        "--max-frames",
+        type=_positive("--max-frames"),
+        default=None,
+        help="convert at most the first N selected frames (default: all)",
+    )
+    ih.add_argument(
+        "--points-per-hand",
+        type=_positive("--points-per-hand"),
+        default=16384,
+        help="labelled occupancy points per hand (default 16384)",
+    )
+    ih.add_argument(
+        "--image-size",
+        type=_positive("--image-size"),
+        default=256,
+        help="side of the square crop in pixels (default 256)",
+    )
+    ih.add_argument(
+        "--shard-size", type=_positive("--shard-size"), default=64, help="frames per shard"
+    )
+    ih.add_argument(
+        "--workers",
+        type=_positive("--workers"),
+        default=os.cpu_count() or 1,
+        help="worker processes (default: the number of CPU cores)",
+    )
+    ih.add_argument(
+        "--seed", type=_int_at_least("--seed", 0), default=0, help="occupancy sampling seed"
+    )
+    ih.add_argument("--overwrite", action="store_true", help="replace a dataset in --out")
+    ih.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _convert_mano(args: argparse.Namespace) -> int:
@@ -171,6 +228,59 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interhand(args: argparse.Namespace) -> int:
+    import logging
+
+    from im2hands_model.data.interhand import (
+        ConversionError,
+        ConvertSettings,
+        InterHandFormatError,
+        convert_interhand,
+    )
+    from im2hands_model.data.mano import ManoFileError, MissingSmplxError
+
+    if not args.mano.is_dir():
+        print(
+            f"im2hands-data: error: --mano {args.mano} is not a folder; make the MANO npz files "
+            "with `im2hands-data convert-mano MANO_DIR OUT_DIR`",
+            file=sys.stderr,
+        )
+        return 2
+    error = _check_out_dir(args.out, args.overwrite)
+    if error:
+        print(f"im2hands-data: error: {error}", file=sys.stderr)
+        return 2
+    if args.overwrite:
+        import shutil
+
+        for child in args.out.iterdir():
+            if child.name.startswith(("shard_", ".shard_")) and child.is_dir():
+                shutil.rmtree(child)
+            elif child.name in ("index.json", "faces.npy", "report.json"):
+                child.unlink()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    settings = ConvertSettings(
+        points_per_hand=args.points_per_hand,
+        image_size=args.image_size,
+        shard_size=args.shard_size,
+        seed=args.seed,
+        max_frames=args.max_frames,
+    )
+    try:
+        summary = convert_interhand(
+            args.root, args.split, args.mano, args.out, settings, args.workers, not args.quiet
+        )
+    except (InterHandFormatError, ManoFileError, MissingSmplxError) as exc:
+        print(f"im2hands-data: error: {exc}", file=sys.stderr)
+        return 2
+    except ConversionError as exc:
+        print(f"im2hands-data: error: {exc}", file=sys.stderr)
+        return 1
+    print(summary.format())
+    print(f"report: {args.out / 'report.json'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WARP_LOG_LEVEL", "error")
     args = build_parser().parse_args(argv)
@@ -178,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         return _synth(args)
     if args.command == "convert-mano":
         return _convert_mano(args)
+    if args.command == "interhand":
+        return _interhand(args)
     return 2  # pragma: no cover - argparse enforces the sub-command
 
 
