@@ -177,8 +177,8 @@ def test_occupancy_labels_agree_with_the_meshes(converted):
             own = np.abs(igl.winding_number(verts[h], faces[h], pts)) > 0.5
             other = np.abs(igl.winding_number(verts[1 - h], faces[1 - h], pts)) > 0.5
             label = item["occ_labels"][h].numpy() > 0.5
-            assert (~label | own).mean() > 0.998  # labelled inside -> inside its mesh
-            assert (label | ~own | other).mean() > 0.998  # inside only it -> labelled
+            assert (~label | own).mean() > 0.995  # labelled inside -> inside its mesh
+            assert (label | ~own | other).mean() > 0.995  # inside only it -> labelled
             fractions.append(label.mean())
         np.testing.assert_allclose(item["norm_origin"], item["joints_3d"][:, 0], atol=1e-6)
     assert 0.1 < np.mean(fractions) < 0.45  # half the points lie near the surface

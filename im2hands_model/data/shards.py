@@ -35,6 +35,12 @@ image_full         [3, 480, 640]        the full camera frame (only if generated
 K_full             [3, 3]               its intrinsics (only with the full frame)
 joints_2d_full     [2, 21, 2]           keypoints in the full frame (only with it)
 =================  ===================  =========================================================
+
+Datasets converted from InterHand2.6M (``im2hands-data interhand``, :mod:`.interhand`) have the
+same keys with V = 779 (the sealed MANO mesh); ``phenotype`` and ``pose`` hold neutral
+placeholders and ``layout`` comes from the gap between the two hands. They add MANO and
+InterHand2.6M keys (``mano_pose``, ``cam_R``, ``ih_joints_3d``, ...); their ``index.json``
+describes each (``interhand.placeholders`` and ``interhand.extra_keys``).
 """
 
 from __future__ import annotations
