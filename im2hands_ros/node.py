@@ -309,6 +309,11 @@ class Im2HandsNode(LifecycleNode):
             return
         if self._waiting is not None:
             self._on_drop(self._waiting, "no_keypoints")
+            self._warn(
+                f"image dropped: no keypoints with its stamp on "
+                f"{self.resolve_topic_name('keypoints')} before the next image (keypoint_source "
+                "topic expects one PoseArray per image, stamped like it)"
+            )
         self._waiting = job
 
     def _warn(self, text: str, period: float = 5.0) -> None:

@@ -266,20 +266,41 @@ def test_bad_inputs_are_dropped_with_a_warning_and_the_node_keeps_serving(rig, f
     assert rig.proc.poll() is None
 
 
+def test_images_without_their_keypoints_are_dropped_and_explained(rig, frames):
+    before = int(rig.diagnostics()["dropped_no_keypoints"])
+    for _ in range(3):  # images only: each waits for keypoints that never come
+        h = rig.header()
+        rig.info.publish(conv.camera_info_from_K(frames[0].K, 640, 480, h))
+        rig.image.publish(conv.rgb_to_image(frames[0].image, h))
+        time.sleep(0.3)
+    wait_for(lambda: int(rig.diagnostics()["dropped_no_keypoints"]) - before >= 2, 10,
+             "no_keypoints drops", rig.log)  # fmt: skip
+    assert "no keypoints with its stamp on /keypoints" in rig.text()
+    h = rig.send(frames[0])  # with keypoints again: served
+    rig.outputs_for(h)
+
+
 def test_a_fast_publisher_does_not_build_a_queue(rig, frames):
-    """30 Hz for 6 s: most frames are superseded, the latency of what comes out stays bounded."""
+    """30 Hz until 6 outputs came (however slow the machine): most frames are superseded, the
+    latency of what comes out stays bounded and does not grow."""
     start = time.time_ns()
     d0 = rig.diagnostics()
     sent = 0
-    t_end = time.monotonic() + 6.0
-    while time.monotonic() < t_end:
+
+    def outputs() -> list[float]:
+        return [(t - (m.header.stamp.sec * 10**9 + m.header.stamp.nanosec)) / 1e6
+                for t, m in list(rig.left_mesh) if t > start]  # fmt: skip
+
+    t_end = time.monotonic() + 60.0
+    while time.monotonic() < t_end and (len(outputs()) < 6 or sent < 90):
         rig.send(frames[sent % 2])
         sent += 1
         time.sleep(1 / 30)
-    time.sleep(3.0)
-    lat = [(t - (m.header.stamp.sec * 10**9 + m.header.stamp.nanosec)) / 1e6
-           for t, m in rig.left_mesh if t > start]  # fmt: skip
-    assert len(lat) >= 5
+    time.sleep(2.0)
+    lat = outputs()
+    assert len(lat) >= 6, (len(lat), sent)
+    wait_for(lambda: int(rig.diagnostics()["frames_out"]) >= int(d0["frames_out"]) + 6, 10,
+             "diagnostics to catch up")  # fmt: skip
     d = rig.diagnostics()
     superseded = int(d["dropped_superseded"]) - int(d0["dropped_superseded"])
     assert superseded > sent // 3  # newest-frame-only: the rest were replaced, not queued
@@ -314,4 +335,4 @@ def test_soak_500_frames_memory_stays_flat(rig, frames):
     assert base is not None and end < 1.10 * base, (base, end)
     d = rig.diagnostics()
     assert int(d["dropped_error"]) == 0 and rig.proc.poll() is None
-    assert int(d["frames_out"]) - out0 >= 30  # it kept reconstructing all along
+    assert int(d["frames_out"]) - out0 >= 10  # it kept reconstructing all along
