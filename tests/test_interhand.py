@@ -293,7 +293,8 @@ def test_command_writes_shards_in_the_synthetic_format(release, converted, tmp_p
 
 def test_training_and_evaluation_run_on_converted_shards(converted, tmp_path):
     run = tmp_path / "run"
-    sets = [f"data.train={converted}", f"data.val={converted}", "data.num_workers=0",
+    sets = ["data.dataset=interhand", f"data.train={converted}", f"data.val={converted}",
+            "data.num_workers=0",
             "data.points_per_hand=256", "train.max_steps=4", "train.batch_size=4",
             "train.scheduler.type=constant", "train.scheduler.warmup_steps=0",
             "train.log_every=1", "train.val_every=4", "train.val_batches=1",
@@ -317,3 +318,4 @@ def test_training_and_evaluation_run_on_converted_shards(converted, tmp_path):
     assert {"I", "GT meshes"} <= set(summary["variants"])
     assert 0.0 <= summary["variants"]["I"]["iou"] <= 100.0
     assert summary["variants"]["I"]["mpjpe_mm"] == 0.0  # ground-truth keypoints in
+    assert "In the paper's layout" in (out / "results.md").read_text()  # published beside ours

@@ -179,8 +179,8 @@ def test_config_overrides_types_and_errors(tiny_dataset_dir, tmp_path):
             load_config(path, overrides)
         return str(info.value)
 
-    msg = err(["data.dataset=interhand"])
-    assert "InterHand2.6M support arrives in a later release; use data.dataset=synthetic" in msg
+    msg = err(["data.dataset=interhand"])  # the synthetic folders are not InterHand conversions
+    assert "is not an InterHand2.6M conversion" in msg and "im2hands-data interhand" in msg
     msg = err(["stage=nonsense"])
     assert "unknown stage 'nonsense'" in msg and all(s in msg for s in STAGE_NAMES)
     assert "expected key.sub=value" in err(["train.lr"])
@@ -207,7 +207,7 @@ def test_config_overrides_types_and_errors(tiny_dataset_dir, tmp_path):
 
 def test_dataset_factory_and_shipped_configs(tiny_dataset_dir):
     cfg = {"data": {"dataset": "interhand", "train": str(tiny_dataset_dir)}}
-    with pytest.raises(ConfigError, match="InterHand2.6M support arrives in a later release"):
+    with pytest.raises(ConfigError, match="is not an InterHand2.6M conversion"):
         build_dataset(cfg, "train")
     cfg["data"]["dataset"] = "synthetic"
     assert len(build_dataset(cfg, "train")) == 16

@@ -12,7 +12,8 @@ other sections may carry stage-specific keys)::
     seed: 0
     out: runs/init_occ         # run folder (default runs/<stage>)
     data:
-      dataset: synthetic       # synthetic (ShardDataset folders) | interhand (not yet supported)
+      dataset: synthetic       # synthetic: any shard folder (im2hands-data synth or interhand)
+                               # interhand: folders written by `im2hands-data interhand` only
       train: out/bench/train
       val: out/bench/val
       num_workers: 2           # DataLoader worker processes per rank (0 = load in the main process)
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import math
 import os
 import re
@@ -62,7 +64,10 @@ import yaml
 #: Config file written into the run folder.
 CONFIG_FILE = "config.yaml"
 
-INTERHAND_MESSAGE = "InterHand2.6M support arrives in a later release; use data.dataset=synthetic"
+INTERHAND_HINT = (
+    "make one with `im2hands-data interhand --root IH26M --mano MANO_NPZ --split train --out DIR` "
+    "(see training/README.md, InterHand2.6M)"
+)
 
 DEFAULTS: dict[str, Any] = {
     "stage": None,
@@ -264,18 +269,33 @@ def _suggest(key: str, known: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _check_dataset_dir(errors: list[str], key: str, value: Any, check_paths: bool) -> None:
+def is_interhand_dataset(folder: str | os.PathLike) -> bool:
+    """Whether a shard folder was written by ``im2hands-data interhand``."""
+    try:
+        index = json.loads((Path(folder) / "index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and "interhand" in index
+
+
+def _check_dataset_dir(
+    errors: list[str], key: str, value: Any, check_paths: bool, interhand: bool = False
+) -> None:
     if isinstance(value, list | tuple) and value:  # several folders, read as one dataset
         for i, item in enumerate(value):
-            _check_dataset_dir(errors, f"{key}[{i}]", item, check_paths)
+            _check_dataset_dir(errors, f"{key}[{i}]", item, check_paths, interhand)
         return
     if not isinstance(value, str | os.PathLike) or not str(value):
         errors.append(f"{key} is missing: set it to a dataset folder (e.g. --set {key}=DIR)")
     elif check_paths and not (Path(value) / "index.json").is_file():
         what = "does not exist" if not Path(value).exists() else "is not a dataset (no index.json)"
+        make = INTERHAND_HINT if interhand else (
+            f"make one with `im2hands-data synth --n 2000 --seed 0 --out {value}`")  # fmt: skip
+        errors.append(f"{key}: {value} {what}; {make}")
+    elif check_paths and interhand and not is_interhand_dataset(value):
         errors.append(
-            f"{key}: {value} {what}; make one with "
-            f"`im2hands-data synth --n 2000 --seed 0 --out {value}`"
+            f"{key}: {value} is not an InterHand2.6M conversion (data.dataset=interhand); "
+            f"{INTERHAND_HINT}, or use data.dataset=synthetic"
         )
 
 
@@ -310,11 +330,10 @@ def validate_config(cfg: dict, check_paths: bool = True) -> None:
         errors.append(
             f"data.dataset must be one of {', '.join(DATASETS)}, not {data.get('dataset')!r}"
         )
-    elif data["dataset"] == "interhand":
-        errors.append(f"data.dataset=interhand: {INTERHAND_MESSAGE}")
     else:
-        _check_dataset_dir(errors, "data.train", data.get("train"), check_paths)
-        _check_dataset_dir(errors, "data.val", data.get("val"), check_paths)
+        interhand = data["dataset"] == "interhand"
+        _check_dataset_dir(errors, "data.train", data.get("train"), check_paths, interhand)
+        _check_dataset_dir(errors, "data.val", data.get("val"), check_paths, interhand)
     if not _is_int(data.get("num_workers")) or data["num_workers"] < 0:
         errors.append(f"data.num_workers must be an integer >= 0, not {data.get('num_workers')!r}")
     ppp = data.get("points_per_hand")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
-from im2hands_model.training.config import INTERHAND_MESSAGE, ConfigError
+from im2hands_model.training.config import INTERHAND_HINT, ConfigError, is_interhand_dataset
 
 
 def build_dataset(cfg: dict, split: str, keys: list[str] | None = None) -> Dataset:
@@ -28,20 +28,26 @@ def build_dataset(cfg: dict, split: str, keys: list[str] | None = None) -> Datas
     ``keys`` limits the arrays loaded per item (default: all), e.g. a stage's ``data_keys``.
 
     Raises:
-        ConfigError: ``data.dataset=interhand`` (not supported yet) or an unknown dataset kind.
+        ConfigError: an unknown dataset kind, or ``data.dataset=interhand`` with a folder that
+            ``im2hands-data interhand`` did not write.
         FileNotFoundError: the folder is not a dataset.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     data = cfg["data"]
     kind = data.get("dataset")
-    if kind == "interhand":
-        raise ConfigError(INTERHAND_MESSAGE)
-    if kind != "synthetic":
+    if kind not in ("synthetic", "interhand"):
         raise ConfigError(f"data.dataset must be 'synthetic' or 'interhand', not {kind!r}")
     roots = data.get(split)
     if not roots:
         raise ConfigError(f"data.{split} is missing: set it to a dataset folder")
+    folders = [roots] if isinstance(roots, str | PathLike) else list(roots)
+    if kind == "interhand":  # the same shard format; only the folder's origin is checked
+        for folder in folders:
+            if not is_interhand_dataset(folder):
+                raise ConfigError(
+                    f"data.{split}: {folder} is not an InterHand2.6M conversion; {INTERHAND_HINT}"
+                )
     from im2hands_model.data.shards import ShardDataset
 
     if isinstance(roots, str | PathLike):
