@@ -50,40 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     seed_type = _int_at_least("--seed", 0)
     synth.add_argument("--seed", type=seed_type, required=True, help="dataset seed")
     synth.add_argument("--out", type=Path, required=True, help="output folder")
-    synth.add_argument(
-        "--workers",
-        type=_positive("--workers"),
-        default=os.cpu_count() or 1,
-        help="worker processes (default: the number of CPU cores)",
-    )
-    synth.add_argument(
-        "--points-per-hand",
-        type=_positive("--points-per-hand"),
-        default=16384,
-        help="labelled occupancy points per hand (default 16384)",
-    )
-    synth.add_argument(
-        "--image-size",
-        type=_positive("--image-size"),
-        default=256,
-        help="side of the square crop in pixels (default 256)",
-    )
+    _add_shard_options(synth, "scenes")
     synth.add_argument(
         "--full-frame",
         action="store_true",
         help="also render the full 640x480 camera frame of each scene",
     )
-    synth.add_argument(
-        "--shard-size",
-        type=_positive("--shard-size"),
-        default=64,
-        help="scenes per shard (default 64)",
-    )
-    synth.add_argument(
-        "--overwrite", action="store_true", help="replace an existing dataset in --out"
-    )
     synth.add_argument("--no-contact-sheet", action="store_true", help="skip contact_sheet.png")
-    synth.add_argument("--quiet", action="store_true", help="no progress bar")
     mano = sub.add_parser(
         "convert-mano",
         help="convert the official MANO pickles to npz (no chumpy needed)",
@@ -95,6 +68,36 @@ def build_parser() -> argparse.ArgumentParser:
     mano.add_argument("out_dir", type=Path, help="folder for the .npz files")
     _add_interhand_parser(sub)
     return parser
+
+
+def _add_shard_options(p: argparse.ArgumentParser, items: str) -> None:
+    """Options every dataset writer shares (``items``: what a shard holds, for the help)."""
+    p.add_argument(
+        "--workers",
+        type=_positive("--workers"),
+        default=os.cpu_count() or 1,
+        help="worker processes (default: the number of CPU cores)",
+    )
+    p.add_argument(
+        "--points-per-hand",
+        type=_positive("--points-per-hand"),
+        default=16384,
+        help="labelled occupancy points per hand (default 16384)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=_positive("--image-size"),
+        default=256,
+        help="side of the square crop in pixels (default 256)",
+    )
+    p.add_argument(
+        "--shard-size",
+        type=_positive("--shard-size"),
+        default=64,
+        help=f"{items} per shard (default 64)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _add_interhand_parser(sub: argparse._SubParsersAction) -> None:
@@ -122,32 +125,10 @@ def _add_interhand_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="convert at most the first N selected frames (default: all)",
     )
-    ih.add_argument(
-        "--points-per-hand",
-        type=_positive("--points-per-hand"),
-        default=16384,
-        help="labelled occupancy points per hand (default 16384)",
-    )
-    ih.add_argument(
-        "--image-size",
-        type=_positive("--image-size"),
-        default=256,
-        help="side of the square crop in pixels (default 256)",
-    )
-    ih.add_argument(
-        "--shard-size", type=_positive("--shard-size"), default=64, help="frames per shard"
-    )
-    ih.add_argument(
-        "--workers",
-        type=_positive("--workers"),
-        default=os.cpu_count() or 1,
-        help="worker processes (default: the number of CPU cores)",
-    )
+    _add_shard_options(ih, "frames")
     ih.add_argument(
         "--seed", type=_int_at_least("--seed", 0), default=0, help="occupancy sampling seed"
     )
-    ih.add_argument("--overwrite", action="store_true", help="replace a dataset in --out")
-    ih.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _convert_mano(args: argparse.Namespace) -> int:
