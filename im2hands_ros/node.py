@@ -63,6 +63,25 @@ NODE_NAME = "im2hands"
 KEYPOINT_BUFFER = 30
 #: Seconds after activation without any image before the node explains what it subscribes to.
 NO_DATA_WARNING_S = 5.0
+#: Frames between returns of freed heap memory to the system (glibc ``malloc_trim``).
+TRIM_EVERY = 5
+
+
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim`` (``None`` elsewhere). Torch's per-frame buffers of a few MB, freed
+    on two threads, leave glibc's heaps holding ~100 MB that resident memory then swings by
+    (measured 723-881 MB over 1,500 frames at 64³ with no growth trend); trimming every few
+    frames (2-8 ms a call) hands it back, so resident memory tracks what the node really holds
+    (750-770 MB over the same frames)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
 
 #: Publications: (key, type, topic relative to the node's namespace); /diagnostics besides.
 OUTPUTS: tuple[tuple[str, type, str], ...] = (
@@ -113,6 +132,8 @@ class Im2HandsNode(LifecycleNode):
         self._previous_present = (True, True)
         self._last_mesh = self._last_debug = -1e9
         self._activated_at = 0.0
+        self._trim = _malloc_trim()
+        self._processed = 0
         self._no_data_warned = False
         self._default_K_warned = False
         self._info: dict[str, Any] = {"camera_info": "none yet"}
@@ -391,6 +412,9 @@ class Im2HandsNode(LifecycleNode):
         header = Header(stamp=msg.header.stamp, frame_id=s.output_frame or msg.header.frame_id)
         latency_ms = self._publish(result, header, rgb, K, job)
         self.stats.published(latency_ms, float(result.timings_ms.get("total", float("nan"))))
+        self._processed += 1
+        if self._trim is not None and self._processed % TRIM_EVERY == 0:
+            self._trim(0)
 
     def _due(self, last: float, rate: float) -> bool:
         return rate == 0 or (rate > 0 and time.monotonic() - last >= 1.0 / rate)
