@@ -482,15 +482,35 @@ class Im2HandsNode(LifecycleNode):
             )
 
 
+def usage() -> str:
+    """``im2hands-node --help``: how to run it, its topics and every parameter."""
+    lines = [
+        "usage: im2hands-node [--ros-args -p NAME:=VALUE ... -r FROM:=TO ... --params-file FILE]",
+        "",
+        __doc__.strip(),
+        "",
+        "Parameters (defaults in config/im2hands.yaml):",
+    ]
+    for p in params.PARAMETERS:
+        extra = f" One of: {', '.join(p.choices)}." if p.choices else ""
+        lines.append(f"  {p.name} (default {p.default!r}): {p.description}{extra}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``im2hands-node [--ros-args ...]``: the node, unmanaged unless ``autostart:=false``.
 
     The executor spins on a background thread and frames are reconstructed on the main thread
     (see :class:`~im2hands_ros.worker.LatestFrameWorker`: torch runs faster there)."""
+    args = list(sys.argv if argv is None else argv)
+    plain = args[1 : args.index("--ros-args")] if "--ros-args" in args else args[1:]
+    if "-h" in plain or "--help" in plain:
+        print(usage())
+        return 0
     from im2hands_ros.fastdds import use_shipped_profile
 
     use_shipped_profile()  # VGA frames between processes without drops (config/fastdds.xml)
-    rclpy.init(args=argv if argv is not None else sys.argv)
+    rclpy.init(args=args)
     node = Im2HandsNode(own_thread=False)
     executor = SingleThreadedExecutor()
     executor.add_node(node)

@@ -178,3 +178,18 @@ def test_bad_parameters_refuse_to_configure_and_exit_clearly(tmp_path):
     assert proc.wait(120) == 2
     text = log.read_text()
     assert "parameter 'resolution' must be 0 or 32 * 2^k" in text and "Traceback" not in text
+
+
+def test_help_lists_every_parameter_without_starting_ros():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from im2hands_ros.params import PARAMETERS
+
+    exe = Path(sys.executable).parent / "im2hands-node"
+    proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: im2hands-node")
+    for p in PARAMETERS:
+        assert f"  {p.name} (default " in proc.stdout, p.name
