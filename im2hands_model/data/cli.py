@@ -70,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _clear_dataset(out: Path) -> None:
+    """Remove a dataset's own files from ``out`` (``--overwrite``); anything else stays."""
+    import shutil
+
+    for child in out.iterdir():
+        if child.name.startswith(("shard_", ".shard_")) and child.is_dir():
+            shutil.rmtree(child)
+        elif child.name in ("index.json", "faces.npy", "report.json", "contact_sheet.png"):
+            child.unlink()
+
+
 def _add_shard_options(p: argparse.ArgumentParser, items: str) -> None:
     """Options every dataset writer shares (``items``: what a shard holds, for the help)."""
     p.add_argument(
@@ -175,13 +186,7 @@ def _synth(args: argparse.Namespace) -> int:
         print(f"im2hands-data: error: {exc}", file=sys.stderr)
         return 3
     if args.overwrite:
-        import shutil
-
-        for child in args.out.iterdir():
-            if child.name.startswith(("shard_", ".shard_")) and child.is_dir():
-                shutil.rmtree(child)
-            elif child.name in ("index.json", "faces.npy", "report.json", "contact_sheet.png"):
-                child.unlink()
+        _clear_dataset(args.out)
 
     from im2hands_model.data.build import SynthSettings, build_dataset
 
@@ -232,13 +237,7 @@ def _interhand(args: argparse.Namespace) -> int:
         print(f"im2hands-data: error: {error}", file=sys.stderr)
         return 2
     if args.overwrite:
-        import shutil
-
-        for child in args.out.iterdir():
-            if child.name.startswith(("shard_", ".shard_")) and child.is_dir():
-                shutil.rmtree(child)
-            elif child.name in ("index.json", "faces.npy", "report.json"):
-                child.unlink()
+        _clear_dataset(args.out)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     settings = ConvertSettings(
         points_per_hand=args.points_per_hand,
