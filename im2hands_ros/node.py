@@ -133,7 +133,6 @@ class Im2HandsNode(LifecycleNode):
         self._last_mesh = self._last_debug = -1e9
         self._activated_at = 0.0
         self._trim = _malloc_trim()
-        self._processed = 0
         self._no_data_warned = False
         self._default_K_warned = False
         self._info: dict[str, Any] = {"camera_info": "none yet"}
@@ -203,10 +202,7 @@ class Im2HandsNode(LifecycleNode):
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        for sub in self._subs:
-            self.destroy_subscription(sub)
-        self._subs.clear()
-        self._waiting = None
+        self._unsubscribe()
         self.worker.wait_idle(30.0)
         self._state = "inactive"
         return super().on_deactivate(state)
@@ -217,13 +213,17 @@ class Im2HandsNode(LifecycleNode):
         return Ok
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        for sub in self._subs:
-            self.destroy_subscription(sub)
-        self._subs.clear()
+        self._unsubscribe()
         self._release()
         self.worker.request_stop()
         self._state = "finalized"
         return Ok
+
+    def _unsubscribe(self) -> None:
+        for sub in self._subs:
+            self.destroy_subscription(sub)
+        self._subs.clear()
+        self._waiting = None
 
     def _release(self) -> None:
         self.worker.wait_idle(30.0)
@@ -284,7 +284,7 @@ class Im2HandsNode(LifecycleNode):
                 once=True,
             )
             stamp = now
-        job = Job(msg, stamp, received=now)
+        job = Job(msg, stamp)
         if self.settings is not None and self.settings.keypoint_source == "topic":
             self._pair_image(job)
         else:
@@ -410,17 +410,16 @@ class Im2HandsNode(LifecycleNode):
         if result.empty:
             self.stats.count("no_hand")
         header = Header(stamp=msg.header.stamp, frame_id=s.output_frame or msg.header.frame_id)
-        latency_ms = self._publish(result, header, rgb, K, job)
+        latency_ms = self._publish(result, header, rgb, K, job.stamp)
         self.stats.published(latency_ms, float(result.timings_ms.get("total", float("nan"))))
-        self._processed += 1
-        if self._trim is not None and self._processed % TRIM_EVERY == 0:
+        if self._trim is not None and self.stats.frames_out % TRIM_EVERY == 0:
             self._trim(0)
 
     def _due(self, last: float, rate: float) -> bool:
         return rate == 0 or (rate > 0 and time.monotonic() - last >= 1.0 / rate)
 
     def _publish(self, result: Any, header: Header, rgb: np.ndarray, K: np.ndarray,
-                 job: Job) -> float:  # fmt: skip
+                 stamp: float) -> float:  # fmt: skip
         """Publish every output of one frame; the latency (ms) from the image stamp to the
         ``hands/mesh`` publication (or to the mesh clouds when the markers are rate-limited)."""
         s, pubs = self.settings, self._pubs
@@ -434,7 +433,7 @@ class Im2HandsNode(LifecycleNode):
             markers = conv.mesh_markers(result, header, previous_present=self._previous_present)
             self._previous_present = conv.mesh_presence(result)
             pubs["mesh"].publish(markers)
-        latency_ms = (self._now() - job.stamp) * 1e3
+        latency_ms = (self._now() - stamp) * 1e3
         pubs["keypoint_markers"].publish(conv.keypoint_markers(result, header))
         pubs["contact_markers"].publish(conv.contact_markers(result.contacts, header))
         pubs["contacts"].publish(conv.contacts_cloud(result.contacts, header))
@@ -468,9 +467,9 @@ class Im2HandsNode(LifecycleNode):
         """The most common perception-node complaint is silence: say what we listen to and who
         publishes it, with their reliability."""
         for sub in self._subs:
-            infos = self.get_publishers_info_by_topic(sub.topic_name)
             if sub.msg_type not in (Image, CompressedImage):
                 continue
+            infos = self.get_publishers_info_by_topic(sub.topic_name)
             offered = ", ".join(
                 f"{i.node_namespace.rstrip('/')}/{i.node_name} "
                 f"({i.qos_profile.reliability.name.lower()})"
@@ -492,8 +491,7 @@ def usage() -> str:
         "Parameters (defaults in config/im2hands.yaml):",
     ]
     for p in params.PARAMETERS:
-        extra = f" One of: {', '.join(p.choices)}." if p.choices else ""
-        lines.append(f"  {p.name} (default {p.default!r}): {p.description}{extra}")
+        lines.append(f"  {p.name} (default {p.default!r}): {p.help}")
     return "\n".join(lines)
 
 

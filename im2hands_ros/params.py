@@ -30,6 +30,11 @@ class Param:
     choices: tuple[str, ...] = ()
     minimum: float | None = None
 
+    @property
+    def help(self) -> str:
+        """The description, with the allowed values when there is a fixed set."""
+        return self.description + (f" One of: {', '.join(self.choices)}." if self.choices else "")
+
 
 PARAMETERS: tuple[Param, ...] = (
     # --- model -------------------------------------------------------------------------------
@@ -128,9 +133,7 @@ assert [p.name for p in PARAMETERS] == [f.name for f in fields(NodeSettings)]
 def declare(node: Node) -> None:
     """Declare every parameter on ``node`` with its default and description."""
     for p in PARAMETERS:
-        extra = f" One of: {', '.join(p.choices)}." if p.choices else ""
-        node.declare_parameter(p.name, p.default, ParameterDescriptor(description=p.description
-                                                                      + extra))  # fmt: skip
+        node.declare_parameter(p.name, p.default, ParameterDescriptor(description=p.help))
 
 
 def check(values: dict[str, Any]) -> NodeSettings:

@@ -25,7 +25,6 @@ class Job:
 
     payload: Any
     stamp: float
-    received: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,12 +80,6 @@ class LatestFrameWorker:
             self._cond.notify()
         if old is not None:
             self._on_drop(old, "superseded")
-
-    @property
-    def idle(self) -> bool:
-        """No job waiting and none running."""
-        with self._cond:
-            return self._slot is None and not self._busy
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until idle (or ``timeout`` seconds); whether it became idle."""
