@@ -49,22 +49,26 @@ def _env(domain_id: int | None) -> dict[str, str]:
     return env
 
 
-def _script(name: str) -> str:
+def console_script(name: str) -> str:
+    """The path of console script ``name`` next to this Python (a venv's ``bin``), or the bare
+    name for ``PATH`` lookup."""
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else name
 
 
-def _spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+def spawn_logged(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start ``args`` in a new session (its own process group), stdout and stderr to ``log``."""
     with open(log, "wb") as fh:
         return subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)  # fmt: skip
 
 
-def _stop(proc: subprocess.Popen) -> int | None:
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> int | None:
+    """SIGINT (a clean rclpy shutdown), SIGKILL after ``timeout`` seconds; the exit code."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(15)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
@@ -157,10 +161,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     frames_dir = out / "ros_demo"
     frames_dir.mkdir(parents=True, exist_ok=True)
     env = _env(args.domain_id)
-    os.environ.update({k: env[k] for k in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_DOMAIN_ID")})
-    from im2hands_ros.fastdds import use_shipped_profile
-
-    use_shipped_profile()  # this process (the recorder) too, before rclpy creates a participant
+    os.environ.update(env)  # this process (the recorder) too, before rclpy creates a participant
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
 
@@ -170,11 +171,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     node_params = [f"device:={args.device}", f"resolution:={args.resolution}",
                    f"keypoint_source:={'topic' if args.keypoints == 'topic' else 'learned'}",
                    "debug_image_rate:=1.0", f"threads:={args.threads}"]  # fmt: skip
-    node_cmd = [_script("im2hands-node"), "--ros-args",
+    node_cmd = [console_script("im2hands-node"), "--ros-args",
                 *[a for p in node_params for a in ("-p", p)],
                 "-r", "keypoints:=ground_truth/keypoints"]  # fmt: skip
-    cam_cmd = [_script("im2hands-synthetic-camera"), "--ros-args", "-p", f"rate:={args.rate}",
-               "-p", f"frames:={args.frames}"]  # fmt: skip
+    cam_cmd = [console_script("im2hands-synthetic-camera"), "--ros-args",
+               "-p", f"rate:={args.rate}", "-p", f"frames:={args.frames}"]  # fmt: skip
     procs: list[subprocess.Popen] = []
     rclpy.init()
     ros_node = rclpy.create_node("im2hands_demo_recorder")
@@ -183,8 +184,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     executor.add_node(ros_node)
     try:
         node_log, cam_log = frames_dir / "node.log", frames_dir / "camera.log"
-        procs.append(_spawn(node_cmd, node_log, env))
-        procs.append(_spawn(cam_cmd, cam_log, env))
+        procs.append(spawn_logged(node_cmd, node_log, env))
+        procs.append(spawn_logged(cam_cmd, cam_log, env))
         print("starting the node (model + warm-up) and the camera (rendering frames) ...")
         _wait_log(node_log, "active: listening", procs[0], 300, "im2hands-node")
         _wait_log(cam_log, "ready", procs[1], 300, "im2hands-synthetic-camera")
@@ -206,7 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         while time.monotonic() < t_end:
             executor.spin_once(timeout_sec=0.05)
     finally:
-        codes = [_stop(p) for p in procs]
+        codes = [stop_process(p) for p in procs]
         executor.shutdown()
         ros_node.destroy_node()
         rclpy.try_shutdown()

@@ -8,9 +8,7 @@ child processes inherit it.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,33 +21,19 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 
-BIN = Path(sys.executable).parent
+from im2hands_ros.demo import console_script, spawn_logged, stop_process
 
 
 def spawn(args: Sequence[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``args`` (a console script name is looked up next to this Python) in a new process
-    group, stdout and stderr to ``log``."""
-    exe = args[0]
-    if os.path.sep not in exe and (BIN / exe).exists():
-        exe = str(BIN / exe)
+    group, stdout and stderr to ``log``; ``env`` adds to this process's environment."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    with open(log, "wb") as fh:
-        return subprocess.Popen(
-            [exe, *args[1:]], stdout=fh, stderr=subprocess.STDOUT, env=full_env,
-            start_new_session=True,
-        )  # fmt: skip
+    return spawn_logged([console_script(args[0]), *args[1:]], log, full_env)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 15.0) -> int:
     """SIGINT (a clean rclpy shutdown), then SIGKILL after ``timeout``; the exit code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    return proc.returncode
+    return stop_process(proc, timeout)
 
 
 def wait_for(pred: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
