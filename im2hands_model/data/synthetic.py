@@ -85,16 +85,16 @@ def crop_square(uv: np.ndarray, fill: float = CROP_FILL) -> tuple[np.ndarray, fl
     return 0.5 * (lo + hi), (hi - lo).max() / fill
 
 
-def crop_intrinsics(K: np.ndarray, corner: np.ndarray, side: float, size: int) -> np.ndarray:
+def crop_intrinsics(
+    K: np.ndarray, corner: np.ndarray | tuple[float, float], side: float, size: int
+) -> np.ndarray:
     """Intrinsics of the square ``[x0, x0 + side) x [y0, y0 + side)`` of an image (``corner`` =
     ``(x0, y0)``, pixels) resampled to ``size`` x ``size`` pixels (same pixel convention)."""
-    x0, y0 = corner
-    scale = size / side
-    return np.array(
-        [[K[0, 0] * scale, 0, (K[0, 2] - x0) * scale],
-         [0, K[1, 1] * scale, (K[1, 2] - y0) * scale],
-         [0, 0, 1]]
-    )  # fmt: skip
+    Kc = np.asarray(K, dtype=np.float64).copy()
+    Kc[0, 2] -= corner[0]
+    Kc[1, 2] -= corner[1]
+    Kc[:2] *= size / side
+    return Kc
 
 
 def scene_rng(seed: int, index: int) -> np.random.Generator:

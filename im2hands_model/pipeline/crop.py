@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from im2hands_model.data.synthetic import CROP_FILL
+from im2hands_model.data.synthetic import CROP_FILL, crop_intrinsics
 
 __all__ = ["CROP_SIZE", "KEYPOINT_MARGIN", "CropWindow", "crop_image", "project"]
 
@@ -65,12 +65,7 @@ class CropWindow:
 
     def intrinsics(self, K: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
         """``[3, 3]`` intrinsics of the crop resampled to ``size`` px (same camera frame)."""
-        s = size / self.side
-        Kc = np.asarray(K, dtype=np.float64).copy()
-        Kc[0, 2] -= self.x0
-        Kc[1, 2] -= self.y0
-        Kc[:2] *= s
-        return Kc
+        return crop_intrinsics(K, (self.x0, self.y0), self.side, size)
 
     def to_full(self, uv_crop: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
         """Crop pixels ``[..., 2]`` -> full-image pixels."""
