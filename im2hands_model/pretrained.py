@@ -55,6 +55,18 @@ def sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def weights_fingerprint(nets: dict[str, nn.Module]) -> str:
+    """SHA-256 of networks' weights (names, dtypes, shapes and values of every state entry), so
+    caches of what they computed (exported graphs, evaluation scores) can tell them apart."""
+    h = hashlib.sha256()
+    for name in sorted(nets):
+        for key, value in sorted(nets[name].state_dict().items()):
+            t = value.detach().to("cpu").contiguous()
+            h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def manifest(weights_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """The manifest (``{"models": {name: entry}, ...}``) of ``weights_dir`` (default: shipped)."""
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR

@@ -257,6 +257,64 @@ def test_evaluate_with_predicted_keypoints_and_parallel_jobs(runs, tiny_dataset_
     assert "Contact (cm²)" in (tmp_path / "one" / "results.md").read_text()
 
 
+def test_evaluation_cache_recomputes_only_the_rows_of_changed_weights(
+    runs, tiny_dataset_dir, tmp_path
+):
+    """A retrained predictor: the cached rows of GT keypoints are reused as they are, the rows
+    that depend on the predictor (and the keypoint errors) are computed again."""
+    import shutil
+
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    ckpts = []
+    for name in ("kpts_pred", "kpts_ref", "halo", "init_occ", "ref_occ"):
+        shutil.copy(runs[name] / "best.pt", folder / f"{name}.pt")
+        ckpts += ["--checkpoint", str(folder / f"{name}.pt")]
+    cache = tmp_path / "cache"
+    extra = [*ckpts, "--keypoint-scenes", "4", "--pictures", "0", "--cache", str(cache)]
+    first = _evaluate(tmp_path / "first", tiny_dataset_dir, extra)
+    assert len(list(cache.glob("scene_*.json"))) == 4
+    # a marker in one cached row: it survives only if that row is reused, not recomputed
+    marked = cache / "scene_000000.json"
+    rec = json.loads(marked.read_text())
+    row = next(r for r in rec["hands"] if r[0] == "I")
+    row[1]["iou"] = 12.5
+    marked.write_text(json.dumps(rec))
+    before = {p.name: json.loads(p.read_text()) for p in cache.glob("scene_*.json")}
+
+    ckpt = torch.load(folder / "kpts_pred.pt", weights_only=True)
+    gen = torch.Generator().manual_seed(0)
+    ckpt["model"] = {
+        k: v + 0.05 * torch.randn(v.shape, generator=gen) if k.endswith("weight") else v
+        for k, v in ckpt["model"].items()
+    }
+    torch.save(ckpt, folder / "kpts_pred.pt")
+    second = _evaluate(tmp_path / "second", tiny_dataset_dir, extra)
+
+    for name in ("HALO", "I+R", "GT meshes"):
+        assert second["variants"][name] == first["variants"][name], name
+    pred_rows = [n for n in first["variants"] if "pred. kpts" in n]
+    assert len(pred_rows) == 6
+    assert any(second["variants"][n] != first["variants"][n] for n in pred_rows)
+    sources = [s["keypoints"]["sources"]["pred. kpts"] for s in (first, second)]
+    assert sources[0] != sources[1]
+    for path in cache.glob("scene_*.json"):
+        old, new = before[path.name], json.loads(path.read_text())
+        digests = [r["digests"]["variants"] for r in (old, new)]
+        assert digests[0].get("I") == digests[1].get("I")
+        if new["index"] < 3:  # meshed scenes: the predictor's rows have new digests
+            assert digests[0]["I on pred. kpts"] != digests[1]["I on pred. kpts"]
+            assert [r for r in new["hands"] if r[0] == "I"] == [
+                r for r in old["hands"] if r[0] == "I"
+            ]
+    assert next(r for r in json.loads(marked.read_text())["hands"] if r[0] == "I")[1]["iou"] == 12.5
+    # a third run finds every scene up to date: nothing is written again
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("scene_*.json")}
+    third = _evaluate(tmp_path / "third", tiny_dataset_dir, extra)
+    assert third["variants"] == second["variants"]
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in cache.glob("scene_*.json")}
+
+
 def test_export_manifest_and_load_pretrained_round_trip(runs, tiny_dataset_dir, tmp_path):
     from im2hands_model.pretrained import WeightsError, load_pretrained, manifest
     from im2hands_model.training.export import main as export_main

@@ -58,7 +58,6 @@ them on the same cores).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -86,6 +85,7 @@ from im2hands_model.networks.init_occ import (
 from im2hands_model.networks.point_ops import knn
 from im2hands_model.networks.ref_occ import AnchorGraph, RefinementContext
 from im2hands_model.pipeline.crop import CROP_SIZE
+from im2hands_model.pretrained import sha256, weights_fingerprint
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -396,26 +396,6 @@ def _inverse(g: Any, matrix: Any) -> Any:
     return g.op("com.microsoft::Inverse", matrix).setType(matrix.type())
 
 
-def weights_fingerprint(nets: dict[str, nn.Module]) -> str:
-    """SHA-256 of the networks' weights (names, dtypes, shapes and values of every state entry):
-    the cache key of their exported graphs."""
-    h = hashlib.sha256()
-    for name in sorted(nets):
-        for key, value in sorted(nets[name].state_dict().items()):
-            t = value.detach().to("cpu").contiguous()
-            h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _io_entry(names: Sequence[str], graph: _Graph, example: Sequence[Tensor]) -> dict:
     out = {}
     for name, t in zip(names, example, strict=True):
@@ -471,7 +451,7 @@ def _export_graphs(
             torch.backends.mha.set_fastpath_enabled(fastpath)
         entries[graph.name] = {
             "file": path.name,
-            "sha256": _sha256(path),
+            "sha256": sha256(path),
             "bytes": path.stat().st_size,
             "inputs": _io_entry(list(graph.inputs), graph, list(graph.inputs.values())),
             "outputs": _io_entry(graph.outputs, graph, example_out),

@@ -31,6 +31,7 @@ import argparse
 import json
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,7 @@ class Variant:
     #   -> occ_fn(points [2, P, 3]) -> probs [2, P]
     occupancy: Callable[[dict[str, Tensor], Tensor, list | None], Callable[[Tensor], Tensor]]
     source: str  # key of the keypoint source in KeypointSources
+    digest: str = ""  # of the weights this row depends on (network_digest); see --cache
 
 
 def load_run(path: str | Path, device: torch.device) -> tuple[str, dict, nn.Module]:
@@ -109,6 +111,14 @@ def load_shipped(weights_dir: str | Path | None, device: torch.device) -> list:
             (model.init if name == "ref_occ" else model).skip_distance = SKIP_DISTANCE_M
         runs.append((entries[name]["stage"], entries[name]["config"], model.to(device).eval()))
     return runs
+
+
+def network_digest(*nets: nn.Module | None) -> str:
+    """Short fingerprint of the weights of ``nets`` (``None`` entries are skipped): two rows with
+    the same digest were computed by the same weights, wherever they were loaded from."""
+    from im2hands_model.pretrained import weights_fingerprint
+
+    return weights_fingerprint({str(k): n for k, n in enumerate(nets) if n is not None})[:16]
 
 
 def _init_occupancy(net: nn.Module) -> Callable:
@@ -203,6 +213,15 @@ class KeypointSources:
     def reset(self) -> None:
         self._cache.clear()
 
+    def digest(self, source: str) -> str:
+        """Digest of the networks behind ``source`` (the noise settings are in the cache's)."""
+        if source == "gt":
+            return "gt"
+        nets = {"pred": [self.predictor], "noisy": []}[source.removesuffix("+K")]
+        if source.endswith("+K"):
+            nets.append(self.refiner)
+        return f"{source}:{network_digest(*nets)}"
+
     @torch.no_grad()
     def __call__(self, source: str, batch: dict[str, Tensor]) -> Tensor:
         if source not in self._cache:
@@ -228,19 +247,22 @@ def build_variants(
     resolution: int,
     steps: int,
     seed: int,
+    source_digest: Callable[[str], str] | None = None,
 ) -> list[Variant]:
     """The table's rows: each occupancy checkpoint with each keypoint source (module docstring).
 
     Noisy-keypoint sources (no predictor given) use only I (else the first occupancy model),
     the cheapest informative choice; predicted keypoints go through every occupancy model.
+    ``source_digest`` (:meth:`KeypointSources.digest`) completes each row's digest.
     """
-    models: list[tuple[str, float, Callable]] = []
+    models: list[tuple[str, float, Callable, str]] = []
     for stage, _cfg, model in runs:
         if stage == "init_occ":
             name = "I" if model.image_conditioning else "HALO"
-            models.append((name, THRESHOLD_I, _init_occupancy(model)))
+            models.append((name, THRESHOLD_I, _init_occupancy(model), network_digest(model)))
         elif stage == "ref_occ":
-            models.append(("I+R", THRESHOLD_R, _refined_occupancy(model, resolution, steps, seed)))
+            occ = _refined_occupancy(model, resolution, steps, seed)
+            models.append(("I+R", THRESHOLD_R, occ, network_digest(model)))
     if not models:
         return []
     variants: list[Variant] = []
@@ -249,9 +271,10 @@ def build_variants(
         chosen = models
         if source.startswith("noisy"):
             chosen = [next((m for m in models if m[0] == "I"), models[0])]
-        for name, threshold, occ in chosen:
+        src = source_digest(source) if source_digest is not None else source
+        for name, threshold, occ, digest in chosen:
             full = f"{name} on {label}" if label else name
-            variants.append(Variant(full, name, threshold, occ, source))
+            variants.append(Variant(full, name, threshold, occ, source, f"{digest}/{src}"))
     return variants
 
 
@@ -274,7 +297,7 @@ def _load_models(args: argparse.Namespace, device: torch.device):
             predictor = model
     kpts = KeypointSources(predictor, refiner, noise_stage)
     variants = build_variants(runs, kpts.available(), args.resolution, args.upsampling_steps,
-                              args.seed)  # fmt: skip
+                              args.seed, kpts.digest)  # fmt: skip
     if not variants:
         raise ValueError("no occupancy checkpoint given (init_occ / ref_occ)")
     return variants, kpts, noise_stage
@@ -283,9 +306,15 @@ def _load_models(args: argparse.Namespace, device: torch.device):
 _LOADED: dict = {}  # the networks of this process (see _scene_records)
 
 
-def _scene_records(args: argparse.Namespace, indices: list[int]) -> list[dict]:
+def _scene_records(
+    args: argparse.Namespace, indices: list[int], partial: dict[int, dict] | None = None
+) -> list[dict]:
     """Evaluate the scenes ``indices``: per scene, every variant's hand and scene metrics (and
-    the meshes of the first ``args.pictures`` scenes). Runs in the main process or a worker."""
+    the meshes of the first ``args.pictures`` scenes). Runs in the main process or a worker.
+
+    ``partial`` maps a scene to its cached record made partly with other weights: the variants
+    whose digests still match are copied from it, the others are meshed again (keypoint errors
+    are always recomputed: no meshing, they are cheap)."""
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     key = (tuple(args.checkpoint), args.pretrained, args.device, args.resolution,
@@ -297,7 +326,6 @@ def _scene_records(args: argparse.Namespace, indices: list[int]) -> list[dict]:
     faces = data.faces.numpy()
     records = []
     for i in indices:
-        rng = np.random.default_rng([args.seed, i])  # per scene: independent of --jobs
         item = data[i]
         batch = {k: v[None].to(device) for k, v in item.items()}
         present = item["hand_present"]
@@ -311,12 +339,22 @@ def _scene_records(args: argparse.Namespace, indices: list[int]) -> list[dict]:
                                   scene_contact_cm2(gt_meshes)))  # fmt: skip
         kpts.reset()
         rec["keypoints"] = _keypoint_errors(kpts, batch, present)
+        rec["digests"] = _record_digests(variants, kpts, i < args.mesh_scenes)
         if i >= args.mesh_scenes:  # keypoint-only scene (see --keypoint-scenes)
             rec["hands"], rec["scenes"] = [], []
             records.append(rec)
             continue
+        kept = _reusable(partial.get(i) if partial else None, rec["digests"])
+        if kept:
+            old = partial[i]
+            rec["hands"] += [row for row in old["hands"] if row[0] in kept]
+            rec["scenes"] += [row for row in old["scenes"] if row[0] in kept]
         meshed: dict[tuple[str, str], list] = {}
         for v in variants:
+            if v.name in kept:
+                continue
+            # per scene and row: the sample points of a row do not depend on the other rows
+            rng = np.random.default_rng([args.seed, i, zlib.crc32(v.name.encode())])
             with torch.no_grad():
                 joints = kpts(v.source, batch)
                 init_meshes = meshed.get(("I", v.source)) if v.model == "I+R" else None
@@ -345,6 +383,23 @@ def _scene_records(args: argparse.Namespace, indices: list[int]) -> list[dict]:
             rec["picture"] = (image, gt_meshes, rows, item["K"].numpy())
         records.append(rec)
     return records
+
+
+def _record_digests(variants: list[Variant], kpts: KeypointSources, meshed: bool) -> dict:
+    """What a scene's record was computed with: the digest of every row (none for keypoint-only
+    scenes) and of every scored keypoint source."""
+    return {
+        "variants": {v.name: v.digest for v in variants} if meshed else {},
+        "keypoints": {s: kpts.digest(s) for s in kpts.scored()},
+    }
+
+
+def _reusable(cached: dict | None, digests: dict) -> set[str]:
+    """Rows of a cached record computed with the same weights as this run's (by name)."""
+    if not cached or not isinstance(cached.get("digests"), dict):
+        return set()
+    old = cached["digests"].get("variants", {})
+    return {name for name, d in digests["variants"].items() if old.get(name) == d}
 
 
 def _table(variants: list[Variant], records: list[dict]) -> MetricTable:
@@ -461,10 +516,10 @@ def _save_record(folder: str, rec: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(plain)))
 
 
-def _worker(payload: tuple[argparse.Namespace, list[int], int]) -> list[dict]:
-    args, indices, threads = payload
+def _worker(payload: tuple[argparse.Namespace, list[int], int, dict[int, dict]]) -> list[dict]:
+    args, indices, threads, partial = payload
     torch.set_num_threads(threads)
-    records = _scene_records(args, indices)
+    records = _scene_records(args, indices, partial)
     if args.cache:
         for rec in records:
             _save_record(args.cache, rec)
@@ -474,7 +529,7 @@ def _worker(payload: tuple[argparse.Namespace, list[int], int]) -> list[dict]:
 def evaluate(args: argparse.Namespace) -> dict:
     """Run the evaluation; returns the summary written to ``results.json``."""
     device = torch.device(args.device)
-    variants, _, noise_stage = _load_models(args, device)  # fails early on bad checkpoints
+    variants, kpts, noise_stage = _load_models(args, device)  # fails early on bad checkpoints
     n_data = len(ShardDataset(args.data))
     n_mesh = n_data if args.scenes is None else min(args.scenes, n_data)
     n = n_mesh if args.keypoint_scenes is None else max(n_mesh, min(args.keypoint_scenes, n_data))
@@ -486,16 +541,28 @@ def evaluate(args: argparse.Namespace) -> dict:
     if unknown:
         raise ValueError(f"--picture-variants: no variant {sorted(unknown)}")
     cached = _open_cache(args) if args.cache else {}
-    # pictures hold arrays that are not cached: their scenes are evaluated again
-    todo = [i for i in range(n) if i not in cached or i in args.picture_scenes]
-    records: list[dict] = [rec for i, rec in cached.items() if i < n and i not in todo]
+    # Cached scenes are used as they are when every digest matches this run's weights, and
+    # completed (the rows of changed networks meshed again) when some do not. Pictures hold
+    # arrays that are not cached: their scenes are evaluated again.
+    records: list[dict] = []
+    partial: dict[int, dict] = {}
+    for i, rec in cached.items():
+        if i >= n or i in args.picture_scenes:
+            continue
+        if rec.get("digests") == _record_digests(variants, kpts, i < n_mesh):
+            records.append(rec)
+        else:
+            partial[i] = rec
+    done = {rec["index"] for rec in records}
+    todo = [i for i in range(n) if i not in done]
     if cached:
-        print(f"--cache {args.cache}: {len(records)} of {n} scenes already evaluated")
+        print(f"--cache {args.cache}: {len(records)} of {n} scenes already evaluated, "
+              f"{len(partial)} to complete for changed weights")  # fmt: skip
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc="evaluate", unit="scene", disable=args.quiet)
     if args.jobs <= 1 or len(todo) < 2:
         for i in todo:
-            records += _worker((args, [i], torch.get_num_threads()))
+            records += _worker((args, [i], torch.get_num_threads(), partial))
             bar.update(1)
     else:
         # Scenes in small chunks over worker processes (spawned: no forked OpenMP state);
@@ -505,7 +572,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         threads = max(1, torch.get_num_threads() // args.jobs)
         chunks = [todo[a : a + 4] for a in range(0, len(todo), 4)]
         with mp.get_context("spawn").Pool(args.jobs) as pool:
-            for recs in pool.imap_unordered(_worker, [(args, c, threads) for c in chunks]):
+            jobs = [(args, c, threads, {i: partial[i] for i in c if i in partial}) for c in chunks]
+            for recs in pool.imap_unordered(_worker, jobs):
                 records += recs
                 bar.update(len(recs))
     bar.close()
