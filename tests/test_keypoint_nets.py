@@ -226,6 +226,63 @@ def test_keypoint_loss_terms_and_missing_hand() -> None:
         keypoint_loss(pred, batch, {"w_bogus": 1.0})
 
 
+def test_free_slots_order_and_loss_pick_the_better_assignment(tmp_path) -> None:
+    """free_slots: outputs come out in (left, right) order by the handedness head; the loss
+    scores the ground truth against both slot orders and trains handedness on the better one;
+    the reordering survives ONNX export."""
+    torch.manual_seed(0)
+    net = KeypointPredictor(TINY_ENCODER, head_dim=16, free_slots=True).eval()
+    with torch.no_grad():  # a handedness head that disagrees between slots
+        net.handedness[-1].weight.normal_(0, 1.0)
+    image, K = torch.rand(4, 3, 64, 64), _intrinsics(4)
+    with torch.no_grad():
+        pred = net(image, K)
+    hand = pred.handedness_logit
+    assert hand.shape == (4, 2) and (hand[:, 0] <= hand[:, 1]).all()
+
+    # GT = the prediction with its hands exchanged in crops 0 and 2: the loss matches them
+    # anyway (joint terms as for an exact match) and calls those two slot orders wrong
+    flip = torch.tensor([True, False, True, False])
+    gt3 = torch.where(flip[:, None, None, None], pred.joints[:, [1, 0]], pred.joints)
+    gt2 = torch.where(flip[:, None, None, None], pred.joints_2d[:, [1, 0]], pred.joints_2d)
+    batch = {"joints_3d": gt3, "joints_2d": gt2, "hand_present": torch.ones(4, 2, dtype=torch.bool)}
+    _, terms = keypoint_loss(pred, batch)
+    assert terms["loss_2d"] < 1e-6 and terms["loss_root_depth"] < 1e-6
+    assert terms["swapped"] == 0.5 and terms["handedness_acc"] == 0.5
+    fixed = KeypointPredictor(TINY_ENCODER, head_dim=16).eval()
+    fixed.load_state_dict({k: v for k, v in net.state_dict().items() if "handedness" not in k})
+    with torch.no_grad():
+        plain = fixed(image, K)
+    assert plain.handedness_logit is None
+    _, plain_terms = keypoint_loss(plain, batch)  # without free slots: no order is tried
+    assert plain_terms["loss_2d"] > 1e-3 and "swapped" not in plain_terms
+
+    import onnxruntime as ort
+
+    from im2hands_model.pipeline import onnx_backend
+
+    path = tmp_path / "kpts.onnx"
+    opset = onnx_backend.DEFAULT_OPSET
+    torch.onnx.register_custom_op_symbolic("aten::linalg_inv", onnx_backend._inverse, opset)
+    torch.onnx.export(_OutputsOf(net), (image, K), str(path), input_names=["image", "K"],
+                      output_names=["joints", "hand"], dynamo=False, opset_version=opset,
+                      dynamic_axes={"image": {0: "b"}, "K": {0: "b"}})  # fmt: skip
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    joints, hand_ort = session.run(None, {"image": image.numpy(), "K": K.numpy()})
+    torch.testing.assert_close(torch.from_numpy(joints), pred.joints, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(hand_ort), hand, atol=1e-4, rtol=1e-4)
+
+
+class _OutputsOf(torch.nn.Module):
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.net(image, K)
+        return p.joints, p.handedness_logit
+
+
 # ----------------------------------------------------------------------------------------------
 # Keypoint refiner K
 # ----------------------------------------------------------------------------------------------

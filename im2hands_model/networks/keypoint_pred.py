@@ -17,6 +17,18 @@ Design (2.5D heatmaps + root depth, integral regression):
   the same picture give the right depth for any crop size or camera;
 * hand presence (left, right) is a logit from the global code;
 * 3D joints are the back-projection ``z K^-1 (u, v, 1)`` of each joint.
+
+Which hand is which (``free_slots``). Two hands of one skin colour, clasped or crossed, look
+alike; a network that must put the left hand's wrist in heatmap 0 and the right hand's in
+heatmap 21 from the first step spreads each heatmap over both hands until it has learned to
+tell them apart, and the soft-argmax of such a map is the point between the hands (measured:
+the first CPU-trained predictor stayed there, 55 px from the joints on 256-px crops). With
+``free_slots`` the network's two output slots hold the two hands in whatever order it finds
+easiest, the loss scores each crop under both orders and keeps the better one (as in set
+prediction, Carion et al. 2020, with two elements), and a handedness logit per slot, trained on
+the order the loss chose, puts the slots back in (left, right) order at the end of the forward
+pass. Localisation then no longer waits for handedness; a wrong handedness call swaps the two
+hands instead of collapsing both.
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
     "w_root_depth": 5.0,
     "w_presence": 0.2,
     "w_heatmap": 0.1,
+    "w_handedness": 0.2,
     "heatmap_sigma": 1.0,
 }
 HEATMAP_SIGMA = 1.0  #: default standard deviation of the heatmap targets, feature cells
@@ -53,6 +66,8 @@ class KeypointPrediction:
         joints: ``[B, 2, 21, 3]`` camera frame, metres.
         joints_2d: ``[B, 2, 21, 2]`` crop pixels (soft-argmax of the heatmaps).
         presence_logit: ``[B, 2]``; ``sigmoid > 0.5`` means the hand is present.
+        handedness_logit: ``[B, 2]`` logit that the slot holds a right hand (``free_slots``
+            networks; ``None`` otherwise). Slots are already ordered by it.
         rel_depth: ``[B, 2, 21]`` depth of each joint minus its wrist's, metres (wrist = 0).
         root_depth: ``[B, 2]`` wrist depth, metres.
         heatmap_logp: ``[B, 2, 21, h, w]`` per-joint log-probability maps, stride 4.
@@ -68,6 +83,7 @@ class KeypointPrediction:
     heatmap_logp: Tensor
     features: ImageFeatures
     image_size: tuple[int, int]
+    handedness_logit: Tensor | None = None
 
     @property
     def heatmaps(self) -> Tensor:
@@ -115,6 +131,8 @@ class KeypointPredictor(nn.Module):
         input_size: if set, crops are resized (bilinear, antialiased) to this width before the
             encoder, e.g. 128 for 256-pixel crops: 4x less encoder work. Outputs stay in the
             input crop's pixels and camera; the features' ``stride`` is in input pixels too.
+        free_slots: learn which slot holds which hand (see the module docstring); outputs are
+            returned in (left, right) order either way.
     """
 
     def __init__(
@@ -123,8 +141,10 @@ class KeypointPredictor(nn.Module):
         head_dim: int = 64,
         crop_width_m: float = DEFAULT_CROP_WIDTH_M,
         input_size: int | None = None,
+        free_slots: bool = False,
     ) -> None:
         super().__init__()
+        self.free_slots = free_slots
         if input_size is not None and input_size < 16:
             raise ValueError(f"input_size must be >= 16 pixels or None, got {input_size}")
         self.input_size = input_size
@@ -145,6 +165,14 @@ class KeypointPredictor(nn.Module):
         nn.init.zeros_(self.root_mlp[-1].weight)
         nn.init.zeros_(self.root_mlp[-1].bias)
         self.hand_embed = nn.Parameter(torch.zeros(2, root_in))
+        # handedness of each slot from what the slot sees (no slot embedding: symmetric)
+        self.handedness = (
+            nn.Sequential(
+                nn.Linear(root_in, head_dim), nn.ReLU(inplace=True), nn.Linear(head_dim, 1)
+            )
+            if free_slots
+            else None
+        )
         self.presence = nn.Sequential(
             nn.Linear(g, head_dim), nn.ReLU(inplace=True), nn.Linear(head_dim, 2)
         )
@@ -159,8 +187,9 @@ class KeypointPredictor(nn.Module):
         K: Tensor,
         stride: int,
         W: int,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Soft-argmax, relative depths, root depth and back-projection (float32)."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """Soft-argmax, relative depths, root depth, back-projection and (``free_slots``)
+        handedness logits (float32)."""
         b, _, h, w = x.shape
         logp = torch.log_softmax(logits.flatten(2), dim=-1)  # [B, 42, h*w]
         prob = logp.exp()
@@ -185,7 +214,8 @@ class KeypointPredictor(nn.Module):
         root = (focal / W)[:, None] * self.crop_width_m * torch.exp(t)
 
         joints = backproject(uv, root[..., None] + rel, K)
-        return logp.view(b, 2, NUM_JOINTS, h, w), uv, rel, root, joints
+        hand = self.handedness(root_in)[..., 0] if self.handedness is not None else None
+        return logp.view(b, 2, NUM_JOINTS, h, w), uv, rel, root, joints, hand
 
     def forward(self, image: Tensor, K: Tensor) -> KeypointPrediction:
         """Predict keypoints.
@@ -219,11 +249,18 @@ class KeypointPredictor(nn.Module):
         dmap = self.depth(x)
         # Geometry in float32 even under mixed precision: bf16 back-projection would cost mm.
         with torch.autocast(device_type=image.device.type, enabled=False):
-            logp, uv, rel, root, joints = self._geometry(
+            logp, uv, rel, root, joints, hand = self._geometry(
                 logits.float(), dmap.float(), x.float(), feats.global_code.float(), K.float(),
                 stride, W,
             )  # fmt: skip
             presence = self.presence(feats.global_code.float())
+        slotted = [joints, uv, presence, rel, root, logp]
+        if hand is not None:
+            # (left, right) order: swap where slot 0 looks more like a right hand than slot 1
+            swap = hand[:, 0] > hand[:, 1]
+            slotted = [_swap_hands(t, swap) for t in [*slotted, hand]]
+            hand = slotted.pop()
+        joints, uv, presence, rel, root, logp = slotted
         return KeypointPrediction(
             joints=joints,
             joints_2d=uv,
@@ -233,7 +270,14 @@ class KeypointPredictor(nn.Module):
             heatmap_logp=logp,
             features=feats,
             image_size=(H, W),
+            handedness_logit=hand,
         )
+
+
+def _swap_hands(t: Tensor, swap: Tensor) -> Tensor:
+    """``t`` ``[B, 2, ...]`` with its two hands exchanged where ``swap`` ``[B]`` is true."""
+    m = swap.view(-1, *([1] * (t.dim() - 1)))
+    return torch.where(m, t[:, [1, 0]], t)
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -245,8 +289,9 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 def _heatmap_kl(
     pred: KeypointPrediction, gt2: Tensor, present: Tensor, sigma: float = HEATMAP_SIGMA
-) -> Tensor:
-    """Mean KL(target || heatmap) over GT joints of present hands inside the crop."""
+) -> tuple[Tensor, Tensor]:
+    """KL(target || heatmap) per GT joint ``[B, 2, 21]`` and its mask (joints of present hands
+    inside the crop)."""
     logp = pred.heatmap_logp  # [B, 2, 21, h, w]
     h, w = logp.shape[-2:]
     stride = pred.features.stride
@@ -260,8 +305,7 @@ def _heatmap_kl(
     tlog = torch.log_softmax(tlog.flatten(-2), dim=-1)
     kl = (tlog.exp() * (tlog - logp.flatten(-2))).sum(-1)  # [B, 2, 21]
     mask = present[..., None] & inside
-    kl = torch.where(mask, kl, torch.zeros_like(kl))
-    return kl.sum() / mask.sum().clamp_min(1)
+    return torch.where(mask, kl, torch.zeros_like(kl)), mask
 
 
 def joint_error_mm(pred: Tensor, gt: Tensor, align_joint: int | None = MID_JOINT) -> Tensor:
@@ -288,10 +332,14 @@ def keypoint_loss(
     * ``loss_rel_depth``: L1 of the wrist-relative depths, metres;
     * ``loss_root_depth``: L1 of the wrist depth, metres;
     * ``loss_presence``: binary cross-entropy of the presence logits (all hands);
-    * ``loss_heatmap``: KL divergence from a Gaussian target (``HEATMAP_SIGMA`` cells) around
+    * ``loss_heatmap``: KL divergence from a Gaussian target (``heatmap_sigma`` cells) around
       each GT joint inside the crop to the predicted heatmap. The integral (soft-argmax) loss
       alone gives weak gradients while the heatmaps are still diffuse; this term makes them
-      peak at the right place from the first steps.
+      peak at the right place from the first steps;
+    * ``loss_handedness`` (``free_slots`` predictions only): binary cross-entropy of the
+      handedness logits of the present hands. The ground truth is scored against the output
+      slots in both orders, per crop, and the order with the lower sum of the terms above is
+      used for every term (see the module docstring); its handedness is the target.
 
     Args:
         pred: the prediction for ``batch``.
@@ -301,7 +349,9 @@ def keypoint_loss(
 
     Returns:
         ``(loss, terms)``; ``terms`` also has ``mpjpe_mm`` (aligned at joint 9) and
-        ``mpjpe_abs_mm`` (camera frame) for logging.
+        ``mpjpe_abs_mm`` (camera frame) for logging, and for ``free_slots`` predictions
+        ``handedness_acc`` (present hands whose slot order was right) and ``swapped`` (share of
+        crops whose better order was the swapped one).
     """
     w = {**DEFAULT_LOSS_WEIGHTS, **(weights or {})}
     unknown = set(w) - set(DEFAULT_LOSS_WEIGHTS)
@@ -316,13 +366,46 @@ def keypoint_loss(
     gt3 = torch.where(present[..., None, None], gt3, torch.zeros_like(gt3))
     gt2 = torch.where(present[..., None, None], gt2, torch.zeros_like(gt2))
     width = float(pred.image_size[1])
+    pres_target = batch["hand_present"].float()
 
-    l2d = _masked_mean((pred.joints_2d - gt2).abs() / width, present)
-    gt_rel = gt3[..., 2] - gt3[..., :1, 2]
-    lrel = _masked_mean((pred.rel_depth - gt_rel).abs(), present)
-    lroot = _masked_mean((pred.root_depth - gt3[..., 0, 2]).abs(), present)
-    lpres = F.binary_cross_entropy_with_logits(pred.presence_logit, batch["hand_present"].float())
-    lheat = _heatmap_kl(pred, gt2, present, float(w["heatmap_sigma"]))
+    def per_hand(gt3: Tensor, gt2: Tensor, present: Tensor, pres_target: Tensor) -> dict:
+        """Each term per hand ``[B, 2]`` (joint means; zero for absent hands)."""
+        kl, kl_mask = _heatmap_kl(pred, gt2, present, float(w["heatmap_sigma"]))
+        gt_rel = gt3[..., 2] - gt3[..., :1, 2]
+        t = {
+            "2d": ((pred.joints_2d - gt2).abs() / width).mean((-1, -2)),
+            "rel_depth": (pred.rel_depth - gt_rel).abs().mean(-1),
+            "root_depth": (pred.root_depth - gt3[..., 0, 2]).abs(),
+            "heatmap": kl.sum(-1) / kl_mask.sum(-1).clamp_min(1),
+        }
+        t = {k: torch.where(present, v, torch.zeros_like(v)) for k, v in t.items()}
+        t["presence"] = F.binary_cross_entropy_with_logits(
+            pred.presence_logit, pres_target, reduction="none"
+        )
+        return t
+
+    def total(t: dict, hands: Tensor) -> Tensor:
+        """Weighted sum per crop ``[B]``, joint terms averaged over the present ``hands``."""
+        joint = sum(w[f"w_{k}"] * t[k] for k in ("2d", "rel_depth", "root_depth", "heatmap"))
+        return (joint.sum(-1) / hands.sum(-1).clamp_min(1)) + w["w_presence"] * t["presence"].mean(
+            -1
+        )
+
+    terms = per_hand(gt3, gt2, present, pres_target)
+    swapped = torch.zeros(present.shape[0], dtype=torch.bool, device=present.device)
+    if pred.handedness_logit is not None:
+        flip = [1, 0]
+        other = per_hand(gt3[:, flip], gt2[:, flip], present[:, flip], pres_target[:, flip])
+        with torch.no_grad():
+            swapped = total(other, present) < total(terms, present)
+        terms = {k: torch.where(swapped[:, None], other[k], v) for k, v in terms.items()}
+        gt3 = torch.where(swapped[:, None, None, None], gt3[:, flip], gt3)
+        present = torch.where(swapped[:, None], present[:, flip], present)
+    hands = present.sum().clamp_min(1)
+    l2d, lrel, lroot, lheat = (
+        terms[k].sum() / hands for k in ("2d", "rel_depth", "root_depth", "heatmap")
+    )
+    lpres = terms["presence"].mean()
     loss = (
         w["w_2d"] * l2d
         + w["w_rel_depth"] * lrel
@@ -330,10 +413,24 @@ def keypoint_loss(
         + w["w_presence"] * lpres
         + w["w_heatmap"] * lheat
     )
+    extra: dict[str, float] = {}
+    if pred.handedness_logit is not None:
+        # slot 0 holds the right hand where the better order was the swapped one
+        right = torch.stack([swapped, ~swapped], dim=1).float()
+        bce = F.binary_cross_entropy_with_logits(pred.handedness_logit, right, reduction="none")
+        lhand = _masked_mean(bce, present)
+        loss = loss + w["w_handedness"] * lhand
+        extra = {
+            "loss_handedness": float(lhand.detach()),
+            "handedness_acc": float(
+                _masked_mean((~swapped[:, None]).expand_as(present).float(), present)
+            ),
+            "swapped": float(swapped.float().mean()),
+        }
     with torch.no_grad():
         mpjpe = _masked_mean(joint_error_mm(pred.joints, gt3), present)
         mpjpe_abs = _masked_mean(joint_error_mm(pred.joints, gt3, None), present)
-    terms = {
+    out = {
         "loss_2d": float(l2d.detach()),
         "loss_rel_depth": float(lrel.detach()),
         "loss_root_depth": float(lroot.detach()),
@@ -342,8 +439,9 @@ def keypoint_loss(
         "l1_px": float(l2d.detach()) * width,
         "mpjpe_mm": float(mpjpe),
         "mpjpe_abs_mm": float(mpjpe_abs),
+        **extra,
     }
-    return loss, terms
+    return loss, out
 
 
 __all__ = [

@@ -7,6 +7,7 @@ Config (besides the engine's keys)::
       head_dim: 64             # heatmap head channels, root/presence MLP width
       crop_width_m: 0.3        # prior metric width of a crop at the hand's depth
       input_size: null         # resize crops to this width first (e.g. 128: 4x cheaper)
+      free_slots: false        # learn which output slot holds which hand (handedness head)
     loss:                      # weights of keypoint_loss (defaults shown)
       w_2d: 3.0
       w_rel_depth: 10.0
@@ -53,6 +54,7 @@ def build_keypoint_predictor(model_cfg: dict) -> KeypointPredictor:
         head_dim=int(model_cfg.get("head_dim", 64)),
         crop_width_m=float(model_cfg.get("crop_width_m", 0.3)),
         input_size=model_cfg.get("input_size"),
+        free_slots=bool(model_cfg.get("free_slots", False)),
     )
 
 
@@ -178,7 +180,10 @@ class KptsPredStage:
         else:
             out["px_2d"] = out["root_depth_mm"] = float("nan")
         out["presence_acc"] = float((pred.present() == present).float().mean())
-        out["loss"] = float(keypoint_loss(pred, batch, self.weights)[0])
+        loss, terms = keypoint_loss(pred, batch, self.weights)
+        out["loss"] = float(loss)
+        if "handedness_acc" in terms:
+            out["handedness_acc"] = terms["handedness_acc"]
         return out
 
     @torch.no_grad()
