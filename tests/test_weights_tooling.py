@@ -81,6 +81,14 @@ def test_warm_start_takes_the_weights_and_starts_a_fresh_schedule(runs, tiny_dat
     assert result["step"] == 1  # a new run: its own step count, not the source's
     a, b = _state(src), _state(out / "last.pt")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), "weights not carried over"
+    # a free_slots predictor warm-starts from the same run: only its new handedness head is
+    # not in the file (and starts as initialised)
+    slots = tmp_path / "slots"
+    extra = ["model.input_size=64", "model.free_slots=true", "train.lr=1.0e-12"]
+    train(_cfg("kpts_pred", tiny_dataset_dir, slots, 1, [*extra, f"train.init_weights={src}"]))
+    c = _state(slots / "last.pt")
+    assert {k for k in c if k not in a} == {k for k in c if k.startswith("handedness.")} != set()
+    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
 
 
 def test_warm_start_of_r_keeps_the_new_i(runs, tiny_dataset_dir, tmp_path):

@@ -345,11 +345,14 @@ class _Trainer:
 
     def _warm_start(self, path: Path) -> None:
         """Model weights from ``train.init_weights``; parameters the stage freezes (those under
-        its ``frozen_prefixes``, e.g. R's copy of I) keep the values the stage gave them."""
+        its ``frozen_prefixes``, e.g. R's copy of I) keep the values the stage gave them, and
+        heads under its ``optional_prefixes`` (added by an option, e.g. the predictor's
+        handedness head) may be missing from the file: they keep their initial values."""
         frozen = tuple(getattr(self.stage, "frozen_prefixes", ()))
+        optional = tuple(getattr(self.stage, "optional_prefixes", ()))
         state = {k: v for k, v in load_model_state(path).items() if not k.startswith(frozen)}
         missing, unexpected = self.model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(frozen)]
+        missing = [k for k in missing if not k.startswith(frozen + optional)]
         if missing or unexpected:
             raise ConfigError(
                 f"train.init_weights={path} does not fit stage {self.cfg['stage']!r}: "

@@ -147,6 +147,8 @@ class KptsPredStage:
     name = "kpts_pred"
     best_metric = "mpjpe_mm"
     best_mode = "min"
+    #: a free_slots network can warm-start from one trained without (train.init_weights)
+    optional_prefixes = ("handedness.",)
 
     def __init__(self, cfg: dict) -> None:
         self.cfg = cfg
