@@ -439,6 +439,17 @@ def test_kpts_pred_stage_trains(tiny_dataset_dir) -> None:
     assert all(np.isfinite(v) for v in metrics.values()), metrics
     assert 0.0 <= metrics["presence_acc"] <= 1.0
     assert metrics["mpjpe_abs_mm"] >= metrics["mpjpe_mm"] * 0.5
+    # the better hand order can only lower the 2D error; GT swapped: the orders trade places
+    assert metrics["px_2d_either_order"] <= metrics["px_2d"] + 1e-4
+    flipped = {**val, "joints_2d": val["joints_2d"][:, [1, 0]],
+               "hand_present": val["hand_present"][:, [1, 0]]}  # fmt: skip
+    from im2hands_model.training.stages.kpts_pred import _px_either_order
+
+    with torch.no_grad():
+        uv = model(val["image"], val["K"]).joints_2d
+    assert _px_either_order(uv, flipped["joints_2d"], flipped["hand_present"].bool()) == (
+        pytest.approx(metrics["px_2d_either_order"], rel=1e-5)
+    )
     pic = stage.visualize(model, val)
     assert pic.dtype == np.uint8 and pic.ndim == 3 and pic.shape[2] == 3
     assert pic.shape[1] > 3 * pic.shape[0]  # four crops side by side

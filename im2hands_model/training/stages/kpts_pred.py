@@ -17,8 +17,10 @@ Config (besides the engine's keys)::
 Training crops get the photometric jitter of ``data.augment`` (colour, noise).
 
 Validation: ``mpjpe_mm`` (each hand aligned at joint 9, present hands; the paper protocol),
-``mpjpe_abs_mm`` (camera frame), ``px_2d`` (mean 2D error, pixels), ``root_depth_mm`` (wrist
-depth error) and ``presence_acc``. Joint metrics are NaN for a batch without any present hand.
+``mpjpe_abs_mm`` (camera frame), ``px_2d`` (mean 2D error, pixels), ``px_2d_either_order`` (the same
+with the two hands matched in the better order: localisation without handedness),
+``root_depth_mm`` (wrist depth error), ``presence_acc`` and, for ``free_slots`` networks,
+``handedness_acc``. Joint metrics are NaN for a batch without any present hand.
 """
 
 from __future__ import annotations
@@ -141,6 +143,18 @@ def loss_options(cfg: dict, allowed: dict, stage: str) -> dict:
     return loss_cfg
 
 
+def _px_either_order(uv: Tensor, gt: Tensor, present: Tensor) -> float:
+    """Mean 2D error (pixels) of two-hand crops with the hands matched in the better of the two
+    orders: localisation without handedness (``px_2d`` minus this is what wrong handedness
+    calls cost). Crops with one hand count that hand in both orders' best."""
+    err = (uv - torch.nan_to_num(gt)).norm(dim=-1).mean(-1)  # [B, 2]
+    swap = (uv[:, [1, 0]] - torch.nan_to_num(gt)).norm(dim=-1).mean(-1)
+    keep = torch.where(present, err, torch.zeros_like(err)).sum(-1)
+    other = torch.where(present, swap, torch.zeros_like(swap)).sum(-1)
+    best = torch.minimum(keep, other) / present.sum(-1).clamp_min(1)
+    return float(best[present.any(-1)].mean())
+
+
 class KptsPredStage:
     """Trains :class:`~im2hands_model.networks.keypoint_pred.KeypointPredictor`."""
 
@@ -179,8 +193,10 @@ class KptsPredStage:
             root = (pred.root_depth - gt[..., 0, 2]).abs()[present] * 1000.0
             out["px_2d"] = float(px.mean())
             out["root_depth_mm"] = float(root.mean())
+            either = _px_either_order(pred.joints_2d, batch["joints_2d"], present)
+            out["px_2d_either_order"] = either
         else:
-            out["px_2d"] = out["root_depth_mm"] = float("nan")
+            out["px_2d"] = out["root_depth_mm"] = out["px_2d_either_order"] = float("nan")
         out["presence_acc"] = float((pred.present() == present).float().mean())
         loss, terms = keypoint_loss(pred, batch, self.weights)
         out["loss"] = float(loss)
