@@ -7,6 +7,7 @@
 #   bash training/recipes/default_weights.sh lane-b    # round 2: HALO, I, then R on the new I
 #   bash training/recipes/default_weights.sh evaluate  # docs/results.{md,json}, docs/results.png
 #   bash training/recipes/default_weights.sh package   # safetensors + manifest into the package
+#   bash training/recipes/default_weights.sh kpts-pred-slots  # experiment: free-slots predictor
 #
 # lane-a and lane-b run side by side, one thread each. Round 2 warm-starts every occupancy and
 # K network from its round-1 run (train.init_weights) and trains on 5,000 scenes; the predictor
@@ -19,7 +20,7 @@ VAL=out/bench/val
 TEST=out/default/test
 R2=runs/default
 
-step=${1:?usage: default_weights.sh data|bench|kpts-pred|kpts-ref|halo|i|r|lane-a|lane-b|evaluate|package}
+step=${1:?usage: default_weights.sh data|bench|kpts-pred|kpts-pred-slots|kpts-ref|halo|i|r|lane-a|lane-b|evaluate|package}
 COMMON="data.train=$TRAIN data.val=$VAL data.points_per_hand=512 data.num_workers=1 \
   train.device=cpu train.scheduler.warmup_steps=50 train.val_every=250 train.val_batches=2"
 
@@ -32,6 +33,18 @@ kpts_pred() {
     model.input_size=128 data.augment.colour=0.3 data.augment.noise=0.02 loss.w_heatmap=1.0 \
     train.batch_size=16 train.lr=5.0e-4 train.max_steps=6000 train.time_limit_min=30 \
     train.scheduler.warmup_steps=300 train.val_every=500 train.val_batches=4
+}
+kpts_pred_slots() {
+  # experiment (not shipped): the shipped predictor warm-started with model.free_slots=true, so
+  # localisation no longer waits for handedness (docs/results.md, "The keypoint predictor")
+  python training/train.py --config training/configs/kpts_pred.yaml --out $R2/kpts_pred_slots \
+    --set "data.train=$TRAIN" data.val=$VAL data.num_workers=1 train.device=cpu \
+    model.input_size=128 model.free_slots=true data.augment.colour=0.3 data.augment.noise=0.02 \
+    loss.w_heatmap=1.0 data.points_per_hand=16 train.init_weights=$R2/kpts_pred/best.pt \
+    train.batch_size=16 train.lr=5.0e-4 train.max_steps=20000 train.time_limit_min=${MINUTES:-40} \
+    train.scheduler.warmup_steps=100 train.val_every=500 train.val_batches=4 train.ckpt_every=250
+  python training/recipes/predictor_heatmaps.py --checkpoint $R2/kpts_pred_slots/last.pt \
+    --out docs/predictor_heatmaps_free_slots.jpg
 }
 kpts_ref() {
   # K, warm-started: half of the scenes start from the predictor's output, half from GT, both
@@ -95,6 +108,7 @@ evaluate)
     --notes docs/results_notes.md --cache "out/eval_cache/mesh$MESH_SCENES"
   ;;
 kpts-pred) kpts_pred ;;
+kpts-pred-slots) kpts_pred_slots ;;
 kpts-ref) kpts_ref ;;
 halo) halo ;;
 i) init_occ ;;
