@@ -387,9 +387,8 @@ def keypoint_loss(
     def total(t: dict, hands: Tensor) -> Tensor:
         """Weighted sum per crop ``[B]``, joint terms averaged over the present ``hands``."""
         joint = sum(w[f"w_{k}"] * t[k] for k in ("2d", "rel_depth", "root_depth", "heatmap"))
-        return (joint.sum(-1) / hands.sum(-1).clamp_min(1)) + w["w_presence"] * t["presence"].mean(
-            -1
-        )
+        presence = w["w_presence"] * t["presence"].mean(-1)
+        return joint.sum(-1) / hands.sum(-1).clamp_min(1) + presence
 
     terms = per_hand(gt3, gt2, present, pres_target)
     swapped = torch.zeros(present.shape[0], dtype=torch.bool, device=present.device)
