@@ -326,3 +326,35 @@ def test_command_explains_how_to_install_missing_egl(tmp_path):
     assert r.returncode == 3
     assert "apt-get install" in r.stderr and "libegl1" in r.stderr
     assert not (tmp_path / "ds" / "index.json").exists()
+
+
+def test_skin_cues_colour_palms_and_nails_only(generator):
+    """--skin-cues: palm-side skin and nails are lighter; geometry, labels and the background
+    are those of the same scene without them."""
+    from im2hands_model.data.synthetic import SceneGenerator
+
+    hand = generator.hand
+    palm, nail = hand.palm_weight, hand.nail_weight
+    assert palm.shape == nail.shape == (hand.faces.max() + 1,)
+    assert 0.2 < float((palm > 0.5).mean()) < 0.6  # about half the skin faces the palm side
+    assert 5 * 3 <= int((nail > 0).sum()) <= 5 * 80  # a patch on each of five fingertips
+    assert (palm[nail > 0] == 0).all()  # nails are on the back of the fingers
+    # the palm side is where fingertips curl to: flexing every bone moves palm skin inward
+    rest = hand.forward(np.full((1, 6), 0.5), np.zeros((1, len(POSED_BONES), 3)))
+    flexed = np.zeros((1, len(POSED_BONES), 3))
+    flexed[..., 0] = 30.0
+    curled = hand.forward(np.full((1, 6), 0.5), flexed)
+    tips = [hands.JOINT_NAMES.index(f"{f}_tip") for f in ("index", "middle", "ring", "pinky")]
+    motion = (curled.joints[0, tips] - rest.joints[0, tips]).mean(0)
+    v = rest.vertices[0]
+    palm_side = (v[palm > 0.5].mean(0) - v[palm == 0].mean(0)) @ motion
+    assert palm_side > 0
+
+    cued = SceneGenerator(points_per_hand=POINTS, full_frame=True, skin_cues=True)
+    a, b = generator.generate(SEED, 2).arrays, cued.generate(SEED, 2).arrays
+    for key in ("joints_3d", "joints_2d", "vertices", "occ_points", "occ_labels", "K"):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    changed = np.abs(a["image"].astype(int) - b["image"].astype(int)).max(-1) > 2  # [H, W, 3]
+    assert 0.005 < changed.mean() < 0.5, changed.mean()  # hand pixels only
+    lighter = b["image"].astype(float).sum() - a["image"].astype(float).sum()
+    assert lighter > 0

@@ -157,6 +157,9 @@ class AnnyHand:
         main = self._vertex_bone[self.probe_vertices]
         self.probe_finger = np.array([int(labels[b][len("finger")]) - 1 for b in main])
         self._abduction_sign = self._measure_abduction_sign(labels)
+        self.palm_weight, self.nail_weight = self._skin_regions(
+            rest_vertices[0], rest_heads[0], labels
+        )
 
     # -- set-up -------------------------------------------------------------------------------
     def _seal(self, faces: np.ndarray, vertices: np.ndarray) -> np.ndarray:
@@ -233,6 +236,41 @@ class AnnyHand:
             ]
         )
         return sign
+
+    def _skin_regions(
+        self, verts: np.ndarray, heads: np.ndarray, labels: list[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per sealed-mesh vertex in [0, 1]: how much it is palm-side skin, and nail.
+
+        The palm side is the way the fingers curl: the mean motion of the fingertips under a
+        flexion of every bone. Palm weight rises with the rest-pose normal's alignment with it;
+        nails are the back-side vertices of each fingertip's last 10 mm. Vertex indices are the
+        same in every pose and for the mirrored left hand, so these weights hold for all.
+        """
+        from im2hands_model.data.render import vertex_normals
+
+        n = len(POSED_BONES)
+        angles = torch.zeros(2, n, 3)
+        angles[1, :, 0] = 20.0  # flex every bone
+        moved, _ = self._run(angles, np.full((2, 6), 0.5))
+        tips = np.concatenate(self._tip_sets)
+        palm_dir = (moved[1, tips] - moved[0, tips]).mean(0)
+        palm_dir /= np.linalg.norm(palm_dir)
+        sealed = np.concatenate([verts, heads[self._wrist_bone][None]])  # + the cap centre
+        normals = vertex_normals(sealed, self.faces)
+        facing = normals @ palm_dir
+        palm = np.clip((facing - 0.05) / 0.45, 0.0, 1.0)
+        palm = palm * palm * (3 - 2 * palm)  # smoothstep: a soft border along the sides
+        nail = np.zeros(len(sealed))
+        for bone in ANNY_TIP_BONES:
+            b = labels.index(bone)
+            axis = heads[b] - heads[int(self.model.bone_parents[b])]
+            ids = np.flatnonzero(self._vertex_bone == b)
+            along = verts[ids] @ (axis / np.linalg.norm(axis))
+            near_tip = along >= along.max() - 0.010
+            back = facing[ids] < -0.35
+            nail[ids[near_tip & back]] = 1.0
+        return palm.astype(np.float32), nail.astype(np.float32)
 
     # -- evaluation -----------------------------------------------------------------------------
     def _run(self, angles: torch.Tensor, phenotypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -26,6 +26,7 @@ class SynthSettings:
     image_size: int = 256
     full_frame: bool = False
     shard_size: int = 64
+    skin_cues: bool = False
 
 
 _GENERATOR = None
@@ -39,7 +40,9 @@ def _init_worker(settings: SynthSettings) -> None:
     os.environ.setdefault("LP_NUM_THREADS", "1")  # for Mesa's rasteriser too
     from im2hands_model.data.synthetic import SceneGenerator
 
-    _GENERATOR = SceneGenerator(settings.points_per_hand, settings.image_size, settings.full_frame)
+    _GENERATOR = SceneGenerator(
+        settings.points_per_hand, settings.image_size, settings.full_frame, settings.skin_cues
+    )
 
 
 def _generate_chunk(args: tuple[int, list[int]]) -> tuple[np.ndarray, list[tuple[dict, dict]]]:
@@ -137,6 +140,7 @@ def _report(
         "points_per_hand": settings.points_per_hand,
         "image_size": settings.image_size,
         "full_frame": settings.full_frame,
+        "skin_cues": settings.skin_cues,
         "layouts": dict(Counter(s["layout"] for s in stats)),
         "hands": sum(1 if s["layout"] == "single" else 2 for s in stats),
         "children": sum(bool(s["child"]) for s in stats),

@@ -63,6 +63,11 @@ SKIN_TONES = np.array(
         [0.72, 0.52, 0.38], [0.62, 0.43, 0.30], [0.50, 0.34, 0.24], [0.38, 0.26, 0.19],
     ]
 )  # fmt: skip
+#: ``skin_cues``: palms are lighter and pinker than the backs of hands (less melanin), most of all
+#: for dark skin; nails are pale pink. Palm skin = tone blended this far toward PALM_TONE.
+PALM_TONE = np.array([0.95, 0.76, 0.68])
+PALM_BLEND = 0.45
+NAIL_TONE = np.array([0.93, 0.80, 0.78])
 
 
 @dataclass
@@ -115,12 +120,15 @@ class SceneGenerator:
         points_per_hand: int = 16384,
         image_size: int = 256,
         full_frame: bool = False,
+        skin_cues: bool = False,
     ) -> None:
         if points_per_hand <= 0 or image_size <= 0:
             raise ValueError("points_per_hand and image_size must be positive")
         self.points_per_hand = int(points_per_hand)
         self.image_size = int(image_size)
         self.full_frame = bool(full_frame)
+        #: render lighter palms and nails, the cues that tell a palm from the back of a hand
+        self.skin_cues = bool(skin_cues)
         self.renderer = Renderer(self.image_size, self.image_size)
         self.hand = AnnyHand()
         faces_right = self.hand.faces
@@ -331,6 +339,14 @@ class SceneGenerator:
             z = min(z * 1.15, 2.0)  # too big for the frame at this distance: step back
         raise RuntimeError("could not fit the hands into the camera frame")
 
+    def _skin_cue_factors(self, tone: np.ndarray) -> np.ndarray:
+        """``[V, 3]`` colour factors on ``tone``: lighter palm skin and nails (``skin_cues``)."""
+        palm = self.hand.palm_weight[:, None] * PALM_BLEND
+        nail = self.hand.nail_weight[:, None]
+        colour = tone * (1 - palm) + PALM_TONE * palm
+        colour = colour * (1 - nail) + NAIL_TONE * nail
+        return colour / np.maximum(tone, 1e-3)
+
     def _images(
         self,
         rng: np.random.Generator,
@@ -350,6 +366,8 @@ class SceneGenerator:
             if present[h]:
                 tone = np.clip(person_tone * rng.uniform(0.93, 1.07, 3), 0, 1)
                 jitter = vertex_color_jitter(rng, verts[h])
+                if self.skin_cues:
+                    jitter = jitter * self._skin_cue_factors(tone)
                 meshes.append((verts[h], self.faces[h], tone, jitter))
         lights = self._lights(rng)
         ambient = float(rng.uniform(0.15, 0.4))
