@@ -15,7 +15,7 @@
 # starts from scratch. Times are wall-clock limits; steps are what fits in them on this CPU.
 set -euo pipefail -f  # -f: the [a,b] dataset lists are not globs
 cd "$(dirname "$0")/../.."
-export OMP_NUM_THREADS=1 ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 TRAIN="[out/bench/train,out/default/train_101]"
 VAL=out/bench/val
 TEST=out/default/test
