@@ -249,12 +249,11 @@ class AnnyHand:
         """
         from im2hands_model.data.render import vertex_normals
 
-        n = len(POSED_BONES)
-        angles = torch.zeros(2, n, 3)
-        angles[1, :, 0] = 20.0  # flex every bone
-        moved, _ = self._run(angles, np.full((2, 6), 0.5))
+        angles = torch.zeros(1, len(POSED_BONES), 3)
+        angles[..., 0] = 20.0  # flex every bone
+        flexed, _ = self._run(angles, np.full((1, 6), 0.5))
         tips = np.concatenate(self._tip_sets)
-        palm_dir = (moved[1, tips] - moved[0, tips]).mean(0)
+        palm_dir = (flexed[0, tips] - verts[tips]).mean(0)
         palm_dir /= np.linalg.norm(palm_dir)
         sealed = np.concatenate([verts, heads[self._wrist_bone][None]])  # + the cap centre
         normals = vertex_normals(sealed, self.faces)

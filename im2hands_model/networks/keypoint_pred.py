@@ -144,7 +144,6 @@ class KeypointPredictor(nn.Module):
         free_slots: bool = False,
     ) -> None:
         super().__init__()
-        self.free_slots = free_slots
         if input_size is not None and input_size < 16:
             raise ValueError(f"input_size must be >= 16 pixels or None, got {input_size}")
         self.input_size = input_size
@@ -398,8 +397,7 @@ def keypoint_loss(
         with torch.no_grad():
             swapped = total(other, present) < total(terms, present)
         terms = {k: torch.where(swapped[:, None], other[k], v) for k, v in terms.items()}
-        gt3 = torch.where(swapped[:, None, None, None], gt3[:, flip], gt3)
-        present = torch.where(swapped[:, None], present[:, flip], present)
+        gt3, present = _swap_hands(gt3, swapped), _swap_hands(present, swapped)
     hands = present.sum().clamp_min(1)
     l2d, lrel, lroot, lheat = (
         terms[k].sum() / hands for k in ("2d", "rel_depth", "root_depth", "heatmap")

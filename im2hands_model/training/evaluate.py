@@ -193,6 +193,7 @@ class KeypointSources:
                  noise_stage: object | None) -> None:  # fmt: skip
         self.predictor, self.refiner, self.noise_stage = predictor, refiner, noise_stage
         self._cache: dict[str, Tensor] = {}
+        self._digests: dict[str, str] = {}  # the networks are fixed: hash their weights once
 
     def available(self) -> list[str]:
         keys = ["gt"]
@@ -217,10 +218,12 @@ class KeypointSources:
         """Digest of the networks behind ``source`` (the noise settings are in the cache's)."""
         if source == "gt":
             return "gt"
-        nets = {"pred": [self.predictor], "noisy": []}[source.removesuffix("+K")]
-        if source.endswith("+K"):
-            nets.append(self.refiner)
-        return f"{source}:{network_digest(*nets)}"
+        if source not in self._digests:
+            nets = {"pred": [self.predictor], "noisy": []}[source.removesuffix("+K")]
+            if source.endswith("+K"):
+                nets.append(self.refiner)
+            self._digests[source] = f"{source}:{network_digest(*nets)}"
+        return self._digests[source]
 
     @torch.no_grad()
     def __call__(self, source: str, batch: dict[str, Tensor]) -> Tensor:
