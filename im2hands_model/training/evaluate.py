@@ -82,7 +82,7 @@ class Variant:
     #   -> occ_fn(points [2, P, 3]) -> probs [2, P]
     occupancy: Callable[[dict[str, Tensor], Tensor, list | None], Callable[[Tensor], Tensor]]
     source: str  # key of the keypoint source in KeypointSources
-    digest: str = ""  # of the weights this row depends on (network_digest); see --cache
+    digest: str  # of the weights this row depends on (network_digest); see --cache
 
 
 def load_run(path: str | Path, device: torch.device) -> tuple[str, dict, nn.Module]:
@@ -250,7 +250,7 @@ def build_variants(
     resolution: int,
     steps: int,
     seed: int,
-    source_digest: Callable[[str], str] | None = None,
+    source_digest: Callable[[str], str],
 ) -> list[Variant]:
     """The table's rows: each occupancy checkpoint with each keypoint source (module docstring).
 
@@ -274,7 +274,7 @@ def build_variants(
         chosen = models
         if source.startswith("noisy"):
             chosen = [next((m for m in models if m[0] == "I"), models[0])]
-        src = source_digest(source) if source_digest is not None else source
+        src = source_digest(source)
         for name, threshold, occ, digest in chosen:
             full = f"{name} on {label}" if label else name
             variants.append(Variant(full, name, threshold, occ, source, f"{digest}/{src}"))
