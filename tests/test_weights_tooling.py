@@ -32,7 +32,8 @@ def runs(tiny_dataset_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
     d = tiny_dataset_dir
     out = {name: root / name for name in ("kpts_pred", "kpts_ref", "halo", "init_occ", "ref_occ")}
-    train(_cfg("kpts_pred", d, out["kpts_pred"], 6, ["model.input_size=64"]))
+    geometric = ["data.augment.mirror=0.5", "data.augment.rotate=30"]
+    train(_cfg("kpts_pred", d, out["kpts_pred"], 6, ["model.input_size=64", *geometric]))
     pred = out["kpts_pred"] / "best.pt"
     train(
         _cfg(

@@ -1,14 +1,32 @@
-"""Photometric augmentation of training crops (geometry untouched, so intrinsics stay valid).
+"""Augmentation of training crops: photometric jitter, and mirror / in-plane rotation.
 
 Synthetic renders are cleaner and more uniform than camera images; jittering brightness,
 contrast and colour balance and adding pixel noise keeps image networks from keying on the
-renderer's exact colours. Every draw comes from the step's generator, so a resumed run sees
+renderer's exact colours (:func:`photometric`, geometry untouched).
+
+:func:`mirror_rotate` makes new, exactly labelled views of a scene for the keypoint predictor,
+which overfits a few thousand scenes (validation 2D error flat at 34-37 px while the training
+crops' fell to 13 px, measured). Both transforms are exact camera geometry, not image tricks:
+
+* **mirror** flips the crop left-right. The flipped picture is what a camera sees of the mirror
+  image of the scene (``x -> -x`` in the camera frame, principal point ``cx -> W - cx``). The
+  mirror image of a left hand is a right hand, so the two hands also swap places.
+* **rotation** by ``theta`` about the crop centre ``c`` is a rotation ``Rz(theta)`` of the camera
+  about its optical axis plus a shift of the principal point: with square pixels,
+  ``R2 (p - c) + c = K' Rz K^-1 p`` for ``K'`` = ``K`` with principal point
+  ``pp + (I - R2)(c - pp)``. Joints rotate by ``Rz`` in the camera frame.
+
+Pixel coordinates are continuous with pixel ``i`` covering ``[i, i + 1)`` (the datasets'
+``joints_2d`` convention). Every draw comes from the step's generator, so a resumed run sees
 the same augmented batches as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -44,7 +62,117 @@ def photometric(images: Tensor, gen: torch.Generator, colour: float = 0.0,
     return out.clamp(0.0, 1.0)
 
 
+def _inside(uv: Tensor, present: Tensor, height: int, width: int) -> Tensor:
+    """``[B]``: every present joint of ``uv [B, 2, 21, 2]`` lies inside the crop."""
+    ok = (uv[..., 0] >= 0) & (uv[..., 0] <= width) & (uv[..., 1] >= 0) & (uv[..., 1] <= height)
+    return (ok.all(-1) | ~present).all(-1)
+
+
+def mirror_rotate(
+    image: Tensor,
+    K: Tensor,
+    joints_3d: Tensor,
+    joints_2d: Tensor,
+    present: Tensor,
+    gen: torch.Generator,
+    mirror: float = 0.0,
+    rotate_deg: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Random mirror and in-plane rotation of two-hand crops with their labels (module docstring).
+
+    Each crop is mirrored with probability ``mirror`` and rotated about its centre by an angle
+    drawn uniformly in ``[-rotate_deg, rotate_deg]``. A crop whose present joints would leave the
+    picture keeps angle 0 (its labels stay inside the crop); uncovered corners get the crop's
+    mean colour.
+
+    Args:
+        image: ``[B, 3, H, W]`` crops.
+        K: ``[B, 3, 3]`` their intrinsics (square pixels and no skew when rotating).
+        joints_3d: ``[B, 2, 21, 3]`` camera frame (left hand first).
+        joints_2d: ``[B, 2, 21, 2]`` crop pixels.
+        present: ``[B, 2]`` hand presence.
+        gen: random generator (CPU) of the step.
+        mirror: probability of mirroring a crop, in ``[0, 1]``.
+        rotate_deg: largest rotation, degrees, in ``[0, 180]``.
+
+    Returns:
+        ``(image, K, joints_3d, joints_2d, present)`` of the new views (inputs not modified).
+
+    Raises:
+        ValueError: a probability or angle out of range, or rotation of a camera with
+            non-square pixels or skew (the rotated camera would not be a pinhole ``K``).
+    """
+    if not 0.0 <= mirror <= 1.0:
+        raise ValueError(f"mirror must be a probability in [0, 1], got {mirror}")
+    if not 0.0 <= rotate_deg <= 180.0:
+        raise ValueError(f"rotate_deg must lie in [0, 180], got {rotate_deg}")
+    if mirror <= 0 and rotate_deg <= 0:
+        return image, K, joints_3d, joints_2d, present
+    b, _, height, width = image.shape
+    dev, dt = image.device, image.dtype
+    K = K.to(torch.float64)
+    if rotate_deg > 0:
+        fx, fy, skew = K[:, 0, 0], K[:, 1, 1], K[:, 0, 1]
+        if bool(((fx - fy).abs() > 1e-6 * fx.abs()).any() or (skew != 0).any()):
+            raise ValueError("rotation needs square pixels and no skew (K[0,0] == K[1,1], "
+                             "K[0,1] == 0); use rotate_deg=0 for this camera")  # fmt: skip
+    flip = (torch.rand(b, generator=gen) < mirror).to(dev)
+    theta = (torch.rand(b, generator=gen, dtype=torch.float64) * 2 - 1) * math.radians(rotate_deg)
+    theta = theta.to(dev)
+    swap = torch.tensor([1, 0], device=dev)
+
+    # mirror: u -> W - u, x -> -x, cx -> W - cx (and skew -> -skew), hands swap
+    sign = torch.where(flip, -1.0, 1.0).to(torch.float64)
+    j3 = joints_3d.to(torch.float64).clone()
+    j2 = joints_2d.to(torch.float64).clone()
+    j3[..., 0] = j3[..., 0] * sign[:, None, None]
+    j2[..., 0] = torch.where(flip[:, None, None], width - j2[..., 0], j2[..., 0])
+    K = K.clone()
+    K[:, 0, 2] = torch.where(flip, width - K[:, 0, 2], K[:, 0, 2])
+    K[:, 0, 1] = K[:, 0, 1] * sign
+    pick = flip[:, None]
+    j3 = torch.where(pick[..., None, None], j3[:, swap], j3)
+    j2 = torch.where(pick[..., None, None], j2[:, swap], j2)
+    present = torch.where(pick, present[:, swap], present)
+
+    # rotation about the crop centre; crops that would lose a joint keep angle 0
+    centre = torch.tensor([width / 2.0, height / 2.0], dtype=torch.float64, device=dev)
+    cos, sin = theta.cos(), theta.sin()
+    rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # [B,2,2]
+    j2_rot = (j2 - centre) @ rot.transpose(1, 2)[:, None] + centre
+    keep = _inside(j2_rot, present.bool(), height, width)
+    theta = torch.where(keep, theta, torch.zeros_like(theta))
+    cos, sin = theta.cos(), theta.sin()
+    rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+    j2 = (j2 - centre) @ rot.transpose(1, 2)[:, None] + centre
+    j3 = torch.cat([j3[..., :2] @ rot.transpose(1, 2)[:, None], j3[..., 2:]], dim=-1)
+    pp = K[:, :2, 2]
+    K[:, :2, 2] = pp + ((centre - pp)[:, None, :] @ (torch.eye(2, dtype=K.dtype, device=dev)
+                                                     - rot).transpose(1, 2))[:, 0]  # fmt: skip
+
+    # image: each output pixel centre p' samples the input at m(R2^T (p' - c) + c)
+    v, u = torch.meshgrid(torch.arange(height, dtype=torch.float64, device=dev) + 0.5,
+                          torch.arange(width, dtype=torch.float64, device=dev) + 0.5,
+                          indexing="ij")  # fmt: skip
+    out_px = torch.stack([u, v], -1).reshape(1, -1, 2) - centre  # [1, HW, 2]
+    src = out_px @ rot + centre  # row-vector form of R2^T (p' - c) + c, [B, HW, 2]
+    src_u = torch.where(flip[:, None], width - src[..., 0], src[..., 0])
+    grid = torch.stack([2 * src_u / width - 1, 2 * src[..., 1] / height - 1], -1)
+    grid = grid.reshape(b, height, width, 2).to(dt)
+    warped = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    cover = F.grid_sample(torch.ones_like(image[:, :1]), grid, mode="bilinear",
+                          padding_mode="zeros", align_corners=False)  # fmt: skip
+    warped = warped + (1 - cover) * image.mean(dim=(2, 3), keepdim=True)
+    return (warped, K.to(dt), j3.to(joints_3d.dtype), j2.to(joints_2d.dtype), present)
+
+
 def augment_options(cfg: dict) -> tuple[float, float]:
     """``(colour, noise)`` from a config's ``data.augment`` (0, 0 when absent)."""
     aug = (cfg.get("data", {}) or {}).get("augment", {}) or {}
     return float(aug.get("colour", 0.0)), float(aug.get("noise", 0.0))
+
+
+def geometric_options(cfg: dict) -> tuple[float, float]:
+    """``(mirror, rotate)`` from a config's ``data.augment`` (0, 0 when absent)."""
+    aug = (cfg.get("data", {}) or {}).get("augment", {}) or {}
+    return float(aug.get("mirror", 0.0)), float(aug.get("rotate", 0.0))

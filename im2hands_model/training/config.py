@@ -80,8 +80,9 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": 2,
         "points_per_hand": 2048,
         # photometric augmentation of the crops (image stages): brightness/contrast/colour
-        # jitter of this relative size, and Gaussian pixel noise of this standard deviation
-        "augment": {"colour": 0.0, "noise": 0.0},
+        # jitter of this relative size, and Gaussian pixel noise of this standard deviation;
+        # geometric (kpts_pred only): mirror probability, largest in-plane rotation in degrees
+        "augment": {"colour": 0.0, "noise": 0.0, "mirror": 0.0, "rotate": 0.0},
     },
     "model": {},
     "loss": {},
@@ -341,14 +342,16 @@ def validate_config(cfg: dict, check_paths: bool = True) -> None:
         errors.append(f"data.points_per_hand must be a positive integer, not {ppp!r}")
     aug = data.get("augment")
     if not isinstance(aug, dict):
-        errors.append(f"data.augment must be a mapping (colour, noise), not {aug!r}")
+        errors.append(f"data.augment must be a mapping ({', '.join(DEFAULTS['data']['augment'])})"
+                      f", not {aug!r}")  # fmt: skip
     else:
         known_a = list(DEFAULTS["data"]["augment"])
         for key, value in aug.items():
+            top = 180 if key == "rotate" else 1  # rotate is in degrees
             if key not in known_a:
                 errors.append(f"unknown key data.augment.{key}{_suggest(key, known_a)}")
-            elif not _is_num(value) or not 0 <= value <= 1:
-                errors.append(f"data.augment.{key} must be a number in [0, 1], not {value!r}")
+            elif not _is_num(value) or not 0 <= value <= top:
+                errors.append(f"data.augment.{key} must be a number in [0, {top}], not {value!r}")
 
     train = cfg["train"]
     known = list(DEFAULTS["train"])

@@ -14,7 +14,10 @@ Config (besides the engine's keys)::
       w_root_depth: 5.0
       w_presence: 0.2
 
-Training crops get the photometric jitter of ``data.augment`` (colour, noise).
+Training crops get the photometric jitter of ``data.augment`` (colour, noise) and, with
+``mirror`` (probability) and ``rotate`` (largest angle, degrees), new views of the same scene:
+mirrored (the hands swap) and rotated about the crop centre, with exact labels and intrinsics
+(:func:`~im2hands_model.training.augment.mirror_rotate`).
 
 Validation: ``mpjpe_mm`` (each hand aligned at joint 9, present hands; the paper protocol),
 ``mpjpe_abs_mm`` (camera frame), ``px_2d`` (mean 2D error, pixels), ``px_2d_either_order`` (the same
@@ -41,7 +44,12 @@ from im2hands_model.networks.keypoint_pred import (
     joint_error_mm,
     keypoint_loss,
 )
-from im2hands_model.training.augment import augment_options, photometric
+from im2hands_model.training.augment import (
+    augment_options,
+    geometric_options,
+    mirror_rotate,
+    photometric,
+)
 from im2hands_model.training.checkpoint import load_trained_network, unwrap
 
 GT_COLOUR = (40, 220, 60)
@@ -170,6 +178,7 @@ class KptsPredStage:
         loss_cfg = loss_options(cfg, DEFAULT_LOSS_WEIGHTS, self.name)
         self.weights = {k: float(v) for k, v in loss_cfg.items()}
         self.augment = augment_options(cfg)
+        self.geometric = geometric_options(cfg)
 
     def build_model(self, device: torch.device) -> nn.Module:
         return build_keypoint_predictor(self.model_cfg).to(device)
@@ -177,6 +186,9 @@ class KptsPredStage:
     def loss(
         self, model: nn.Module, batch: dict[str, Tensor], gen: torch.Generator
     ) -> tuple[Tensor, dict[str, float]]:
+        keys = ("image", "K", "joints_3d", "joints_2d", "hand_present")
+        views = mirror_rotate(*(batch[k] for k in keys), gen, *self.geometric)
+        batch = {**batch, **dict(zip(keys, views, strict=True))}
         image = photometric(batch["image"], gen, *self.augment)
         pred = model(image, batch["K"])
         return keypoint_loss(pred, batch, self.weights)
