@@ -552,3 +552,15 @@ def test_torchrun_two_processes_gloo(tiny_dataset_dir, tmp_path):
     assert [r["loss"] is None for r in log] == [s == 2 for s in range(1, 7)]  # mean over ranks
     # 2 ranks x 4 scenes per step: 16 scenes are one epoch of 2 steps
     assert ck["epoch"] == 2 and ck["batch_in_epoch"] == 2
+
+
+def test_a_collapse_in_throughput_is_explained():
+    from im2hands_model.training.engine import SLOWDOWN_FACTOR, slowdown_warning
+
+    assert slowdown_warning(70.0, 0.0, "cpu") is None  # the first window sets the pace
+    assert slowdown_warning(70.0 / (SLOWDOWN_FACTOR - 0.5), 70.0, "cpu") is None  # ordinary noise
+    cpu = slowdown_warning(3.0, 70.0, "cpu")
+    assert cpu is not None and "3.0 samples/s from 70.0 (23x slower)" in cpu
+    assert f"on {os.cpu_count()} cores" in cpu and "OMP_NUM_THREADS" in cpu
+    gpu = slowdown_warning(3.0, 70.0, "cuda")
+    assert gpu is not None and "load average" not in gpu

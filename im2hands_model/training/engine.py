@@ -103,6 +103,33 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return gen
 
 
+#: A log window this much slower than the run's fastest one gets a warning.
+SLOWDOWN_FACTOR = 4.0
+
+
+def slowdown_warning(samples_per_s: float, fastest: float, device_type: str) -> str | None:
+    """The warning for a training window ``fastest / samples_per_s`` times slower than the best.
+
+    On a CPU the usual cause is another process on the same cores: PyTorch's OpenMP threads
+    wait for each other by spinning, so two busy processes on two cores slow each other down far
+    more than twofold (a 2-thread predictor run on this project's 2-core machine fell from 70 to
+    3 samples/s while a 1-thread job ran beside it, measured).
+    """
+    if not (samples_per_s > 0 and fastest > 0) or fastest < SLOWDOWN_FACTOR * samples_per_s:
+        return None
+    msg = (f"training throughput fell to {samples_per_s:.1f} samples/s from {fastest:.1f} "
+           f"({fastest / samples_per_s:.0f}x slower)")  # fmt: skip
+    if device_type == "cpu":
+        cores = os.cpu_count() or 1
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        msg += (
+            f"; load average {load:.1f} on {cores} cores with {torch.get_num_threads()} torch "
+            "threads here: other processes on the same cores slow PyTorch's threads down many "
+            "times over (stop them, or give each process its own cores with OMP_NUM_THREADS)"
+        )
+    return msg
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's ``random``, numpy and torch (CPU and CUDA) global RNGs."""
     random.seed(seed)
@@ -675,6 +702,7 @@ class _Trainer:
         last_loss = float("nan")
         validated_at = checkpointed_at = -1
         window_t, window_n = time.monotonic(), 0
+        fastest, slow = 0.0, False  # best window throughput; warned since the last recovery
         stopped = "max_steps"
         if self.info.is_main:
             self._info(
@@ -701,6 +729,11 @@ class _Trainer:
                 window_t, window_n = now, 0
                 if self.info.is_main:
                     self._log_step(loss_mean, terms_mean, lr, grad_norm, sps, session_start)
+                    warning = slowdown_warning(sps, fastest, self.device.type)
+                    if warning and not slow:
+                        self._warn(warning)
+                    slow = (slow or warning is not None) and sps < 0.5 * fastest
+                    fastest = max(fastest, sps)
             if stop == "signal":
                 stopped = stop
                 name = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal"
@@ -719,6 +752,8 @@ class _Trainer:
                 checkpointed_at = self.step
             if stop:
                 break
+            if do_val or checkpointed_at == self.step:  # throughput counts training steps only
+                window_t, window_n = time.monotonic(), 0
         if checkpointed_at != self.step:  # e.g. resumed at or beyond max_steps
             if validated_at != self.step and stopped != "signal":
                 last_val = self._validate()
