@@ -85,8 +85,8 @@ def test_the_picture_moves_with_the_labels(batch):
     swapped = (after[:, [1, 0]] - before).abs().mean(-1)
     match = torch.minimum(same.mean(-1), swapped.mean(-1))[src_present & present.bool()]
     wrong = (_sample(image, batch["joints_2d"]) - before).abs().mean(-1).mean(-1)[src_present]
-    assert float(match.median()) < 0.03
-    assert float(wrong.median()) > 3 * float(match.median())
+    assert float(match.max()) < 0.03  # every hand of every crop, not just most of them
+    assert float(wrong.median()) > 5 * float(match.max())
 
 
 def test_mirroring_makes_the_left_hand_a_right_hand(batch):

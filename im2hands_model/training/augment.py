@@ -150,19 +150,25 @@ def mirror_rotate(
     K[:, :2, 2] = pp + ((centre - pp)[:, None, :] @ (torch.eye(2, dtype=K.dtype, device=dev)
                                                      - rot).transpose(1, 2))[:, 0]  # fmt: skip
 
-    # image: each output pixel centre p' samples the input at m(R2^T (p' - c) + c)
-    v, u = torch.meshgrid(torch.arange(height, dtype=torch.float64, device=dev) + 0.5,
-                          torch.arange(width, dtype=torch.float64, device=dev) + 0.5,
-                          indexing="ij")  # fmt: skip
-    out_px = torch.stack([u, v], -1).reshape(1, -1, 2) - centre  # [1, HW, 2]
-    src = out_px @ rot + centre  # row-vector form of R2^T (p' - c) + c, [B, HW, 2]
-    src_u = torch.where(flip[:, None], width - src[..., 0], src[..., 0])
-    grid = torch.stack([2 * src_u / width - 1, 2 * src[..., 1] / height - 1], -1)
-    grid = grid.reshape(b, height, width, 2).to(dt)
-    warped = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    cover = F.grid_sample(torch.ones_like(image[:, :1]), grid, mode="bilinear",
-                          padding_mode="zeros", align_corners=False)  # fmt: skip
-    warped = warped + (1 - cover) * image.mean(dim=(2, 3), keepdim=True)
+    # image: mirrored crops are flipped exactly; a rotated one's output pixel p' samples the
+    # input at m(R2^T (p' - c) + c), in affine_grid's coordinates (crop centre 0, edges +-1)
+    # diag(2/W, 2/H) S R2^T diag(W/2, H/2) with S = diag(-1, 1) when mirrored, no translation
+    warped = torch.where(flip[:, None, None, None], image.flip(-1), image)
+    turned = torch.nonzero(theta != 0)[:, 0]
+    if len(turned):
+        half = torch.tensor([width / 2.0, height / 2.0], dtype=torch.float64, device=dev)
+        rt = rot[turned].transpose(1, 2)
+        mat = rt * half  # R2^T diag(W/2, H/2)
+        mat[:, 0] = mat[:, 0] * sign[turned, None]  # S flips the x row
+        mat = mat / half[None, :, None]
+        aff = torch.cat([mat, torch.zeros(len(turned), 2, 1, dtype=mat.dtype, device=dev)], -1)
+        grid = F.affine_grid(aff.to(dt), [len(turned), 1, height, width], align_corners=False)
+        src = image[turned]
+        both = torch.cat([src, torch.ones_like(src[:, :1])], 1)  # colour + coverage
+        both = F.grid_sample(both, grid, mode="bilinear", padding_mode="zeros",
+                             align_corners=False)  # fmt: skip
+        fill = (1 - both[:, -1:]) * src.mean(dim=(2, 3), keepdim=True)
+        warped = warped.index_copy(0, turned, both[:, :-1] + fill)
     return (warped, K.to(dt), j3.to(joints_3d.dtype), j2.to(joints_2d.dtype), present)
 
 
