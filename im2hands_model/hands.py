@@ -110,6 +110,48 @@ def anny_joints(
     return np.stack(parts, axis=-2)
 
 
+#: Thumb CMC and the four MCPs; each finger's next three joints follow its base.
+FINGER_BASES = (1, 5, 9, 13, 17)
+
+
+def _cross(a: ArrayT, b: ArrayT) -> ArrayT:
+    """Cross product over the last axis (component-wise, so that ONNX export needs no op for it)."""
+    parts = [a[..., 1] * b[..., 2] - a[..., 2] * b[..., 1],
+             a[..., 2] * b[..., 0] - a[..., 0] * b[..., 2],
+             a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]]  # fmt: skip
+    return torch.stack(parts, -1) if isinstance(a, torch.Tensor) else np.stack(parts, -1)
+
+
+def skeleton_chirality(joints: ArrayT) -> ArrayT:
+    """Signed handedness of 21 joints ``[..., 21, 3]`` from their shape alone: ``[...]``, > 0 for a
+    right hand, < 0 for a left hand, 0 for a degenerate palm.
+
+    The palm normal ``n = (index MCP - wrist) x (pinky MCP - wrist)`` points out of the palm of a
+    right hand and out of the back of a left hand (in a right-handed frame such as the camera's).
+    Fingers and thumb bend toward the palm, so the components along ``n`` of each finger's
+    joints relative to its base (thumb CMC, MCPs) are positive for a right hand. Returns their
+    mean over the three joints per finger, summed over the fingers and divided by the palm size
+    (mean wrist-MCP distance): +0.6 to +2 on the project's right hand in every pose style of the
+    synthetic data, near 0 only for a flat hand (ambiguous). Mirroring flips the sign; rotation,
+    translation and scale leave it unchanged.
+    """
+    a = joints[..., 5, :] - joints[..., 0, :]
+    b = joints[..., 17, :] - joints[..., 0, :]
+    normal = _cross(a, b)
+    bases = list(FINGER_BASES)
+    children = [base + k for base in FINGER_BASES for k in (1, 2, 3)]
+    rel = joints[..., children, :] - joints[..., [i for i in bases for _ in range(3)], :]
+    bend = (rel * normal[..., None, :]).sum(-1).sum(-1) / 3.0
+    if isinstance(joints, torch.Tensor):
+        norm, palm = normal.norm(dim=-1), 0.5 * (a.norm(dim=-1) + b.norm(dim=-1))
+        ok = (norm > 1e-12) & (palm > 1e-12)
+        return torch.where(ok, bend / (norm * palm).clamp_min(1e-24), torch.zeros_like(bend))
+    norm = np.linalg.norm(normal, axis=-1)
+    palm = 0.5 * (np.linalg.norm(a, axis=-1) + np.linalg.norm(b, axis=-1))
+    ok = (norm > 1e-12) & (palm > 1e-12)
+    return np.where(ok, bend / np.maximum(norm * palm, 1e-24), 0.0)
+
+
 def mirror_points(points: ArrayT, wrist: ArrayT | None = None) -> ArrayT:
     """Mirror points x -> -x about the wrist (a plane through the wrist, normal to camera x).
 

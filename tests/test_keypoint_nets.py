@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import default_collate
 
 from im2hands_model.data.shards import ShardDataset
-from im2hands_model.hands import NUM_JOINTS, SKELETON_EDGES
+from im2hands_model.hands import NUM_JOINTS, SKELETON_EDGES, skeleton_chirality
 from im2hands_model.networks.backbone import (
     ImageEncoder,
     ImageFeatures,
@@ -470,3 +470,64 @@ def test_kpts_ref_stage_trains(tiny_dataset_dir) -> None:
     torch.testing.assert_close(stage.validation_noise(half), stage.validation_noise(val)[:8])
     pic = stage.visualize(model, val)
     assert pic.dtype == np.uint8 and pic.ndim == 3 and pic.shape[2] == 3
+
+
+def test_slot_order_by_chirality_orders_by_skeleton_shape_and_exports(tmp_path) -> None:
+    """slot_order="chirality": slot 0 holds the skeleton that is more of a left hand, whatever
+    the handedness head says; the same weights ordered by the head disagree somewhere; ONNX
+    keeps the order."""
+    torch.manual_seed(1)
+    by_shape = KeypointPredictor(TINY_ENCODER, head_dim=16, free_slots=True,
+                                 slot_order="chirality").eval()  # fmt: skip
+    with torch.no_grad():  # relative depths and handedness calls that are not all zero
+        by_shape.depth.weight.normal_(0, 1.0)
+        by_shape.depth.bias.normal_(0, 1.0)
+        by_shape.handedness[-1].weight.normal_(0, 1.0)
+    by_head = KeypointPredictor(TINY_ENCODER, head_dim=16, free_slots=True).eval()
+    by_head.load_state_dict(by_shape.state_dict())
+    image, K = torch.rand(8, 3, 64, 64), _intrinsics(8)
+    with torch.no_grad():
+        shape, head = by_shape(image, K), by_head(image, K)
+    chir = skeleton_chirality(shape.joints)
+    assert (chir[:, 0] <= chir[:, 1]).all() and (chir.abs() > 1e-6).all()
+    same = (shape.joints == head.joints).flatten(1).all(-1)
+    swapped = (shape.joints == head.joints[:, [1, 0]]).flatten(1).all(-1)
+    assert (same | swapped).all() and swapped.any()  # the two rules disagree on some crops
+    assert (
+        skeleton_chirality(head.joints)[swapped, 0] > skeleton_chirality(head.joints)[swapped, 1]
+    ).all()
+    with pytest.raises(ValueError, match="free_slots"):
+        KeypointPredictor(TINY_ENCODER, head_dim=16, slot_order="chirality")
+    with pytest.raises(ValueError, match="slot_order"):
+        KeypointPredictor(TINY_ENCODER, head_dim=16, free_slots=True, slot_order="size")
+
+    import onnxruntime as ort
+
+    from im2hands_model.pipeline import onnx_backend
+
+    path = tmp_path / "kpts_chirality.onnx"
+    opset = onnx_backend.DEFAULT_OPSET
+    torch.onnx.register_custom_op_symbolic("aten::linalg_inv", onnx_backend._inverse, opset)
+    torch.onnx.export(_OutputsOf(by_shape), (image, K), str(path), input_names=["image", "K"],
+                      output_names=["joints", "hand"], dynamo=False, opset_version=opset,
+                      dynamic_axes={"image": {0: "b"}, "K": {0: "b"}})  # fmt: skip
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    joints, _ = session.run(None, {"image": image.numpy(), "K": K.numpy()})
+    torch.testing.assert_close(torch.from_numpy(joints), shape.joints, atol=1e-4, rtol=1e-4)
+
+
+def test_skeleton_chirality_on_rendered_hands(tiny_dataset_dir) -> None:
+    """Every ground-truth hand of the synthetic scenes has the sign of its side; a mirror flips
+    it, a rotation keeps it, and numpy and torch agree."""
+    data = ShardDataset(tiny_dataset_dir, keys=["joints_3d", "hand_present"])
+    joints = torch.stack([data[i]["joints_3d"] for i in range(len(data))]).double()
+    present = torch.stack([data[i]["hand_present"] for i in range(len(data))]).bool()
+    chir = skeleton_chirality(joints)  # [N, 2]
+    assert chir.shape == present.shape
+    assert (chir[:, 0][present[:, 0]] < 0).all() and (chir[:, 1][present[:, 1]] > 0).all()
+    mirrored = joints * torch.tensor([-1.0, 1.0, 1.0], dtype=joints.dtype)
+    torch.testing.assert_close(skeleton_chirality(mirrored), -chir)
+    skew = torch.tensor([[0.0, -0.7, 0.2], [0.7, 0.0, -0.4], [-0.2, 0.4, 0.0]], dtype=joints.dtype)
+    turn = torch.linalg.matrix_exp(skew)
+    torch.testing.assert_close(skeleton_chirality(joints @ turn.T + 0.3), chir)
+    np.testing.assert_allclose(skeleton_chirality(joints.numpy()), chir.numpy(), atol=1e-12)

@@ -28,7 +28,11 @@ easiest, the loss scores each crop under both orders and keeps the better one (a
 prediction, Carion et al. 2020, with two elements), and a handedness logit per slot, trained on
 the order the loss chose, puts the slots back in (left, right) order at the end of the forward
 pass. Localisation then no longer waits for handedness; a wrong handedness call swaps the two
-hands instead of collapsing both.
+hands instead of collapsing both. With ``slot_order="chirality"`` the slots are ordered by the
+handedness of their own predicted 3D skeletons instead
+(:func:`~im2hands_model.hands.skeleton_chirality`: fingers bend toward the palm, so a skeleton
+with the right relative depths is a left or a right hand by its shape). That needs no trained
+head, and on our renders it was right more often than the head (measured, docs/results_notes.md).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from im2hands_model.hands import MID_JOINT, NUM_JOINTS
+from im2hands_model.hands import MID_JOINT, NUM_JOINTS, skeleton_chirality
 from im2hands_model.networks.backbone import ImageEncoder, ImageFeatures
 
 DEPTH_UNIT = 0.1  #: metres per unit of the relative-depth maps
@@ -133,7 +137,12 @@ class KeypointPredictor(nn.Module):
             input crop's pixels and camera; the features' ``stride`` is in input pixels too.
         free_slots: learn which slot holds which hand (see the module docstring); outputs are
             returned in (left, right) order either way.
+        slot_order: how a ``free_slots`` network puts its slots in (left, right) order:
+            ``"head"`` (its handedness head) or ``"chirality"`` (the shape of each slot's
+            predicted skeleton; the head is still trained and reported).
     """
+
+    SLOT_ORDERS = ("head", "chirality")
 
     def __init__(
         self,
@@ -142,10 +151,16 @@ class KeypointPredictor(nn.Module):
         crop_width_m: float = DEFAULT_CROP_WIDTH_M,
         input_size: int | None = None,
         free_slots: bool = False,
+        slot_order: str = "head",
     ) -> None:
         super().__init__()
         if input_size is not None and input_size < 16:
             raise ValueError(f"input_size must be >= 16 pixels or None, got {input_size}")
+        if slot_order not in self.SLOT_ORDERS:
+            raise ValueError(f"slot_order must be one of {self.SLOT_ORDERS}, got {slot_order!r}")
+        if slot_order != "head" and not free_slots:
+            raise ValueError("slot_order applies to free_slots networks only (free_slots=True)")
+        self.slot_order = slot_order
         self.input_size = input_size
         self.encoder = ImageEncoder(**(encoder or {}))
         c, g = self.encoder.feature_dim, self.encoder.global_dim
@@ -256,7 +271,11 @@ class KeypointPredictor(nn.Module):
         slotted = [joints, uv, presence, rel, root, logp]
         if hand is not None:
             # (left, right) order: swap where slot 0 looks more like a right hand than slot 1
-            swap = hand[:, 0] > hand[:, 1]
+            if self.slot_order == "chirality":
+                chir = skeleton_chirality(joints)
+                swap = chir[:, 0] > chir[:, 1]
+            else:
+                swap = hand[:, 0] > hand[:, 1]
             slotted = [_swap_hands(t, swap) for t in [*slotted, hand]]
             hand = slotted.pop()
         joints, uv, presence, rel, root, logp = slotted

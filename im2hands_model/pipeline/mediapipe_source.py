@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from im2hands_model.hands import skeleton_chirality
 from im2hands_model.pipeline.result import Keypoints
 
 __all__ = [
@@ -77,8 +78,6 @@ CHIRALITY_MARGIN = 0.3
 DUPLICATE_DISTANCE = 0.25
 #: Smallest depth of a lifted joint, metres.
 MIN_DEPTH_M = 0.01
-
-_FINGER_BASES = (1, 5, 9, 13, 17)  # thumb CMC and the four MCPs; each finger's tip is base + 3
 
 
 def import_mediapipe() -> Any:
@@ -131,25 +130,9 @@ def side_from_label(label: str) -> int:
 
 
 def chirality(joints: np.ndarray) -> float:
-    """Signed handedness of 21 joints from their shape alone: > 0 right hand, < 0 left hand.
-
-    The palm normal ``n = (index MCP - wrist) x (pinky MCP - wrist)`` points out of the palm of a
-    right hand and out of the back of a left hand (in a right-handed frame such as the camera's).
-    Fingers and thumb bend toward the palm, so the components along ``n`` of each finger's
-    joints relative to its base (thumb CMC, MCPs) are positive for a right hand. Returns their
-    mean over the three joints per finger, summed over the fingers and divided by the palm size
-    (mean wrist-MCP distance): +0.6 to +2 on the project's right hand in every pose style of the
-    synthetic data, near 0 only for a flat hand (ambiguous).
-    """
-    j = np.asarray(joints, dtype=np.float64).reshape(21, 3)
-    a, b = j[5] - j[0], j[17] - j[0]
-    normal = np.cross(a, b)
-    norm = np.linalg.norm(normal)
-    palm = 0.5 * (np.linalg.norm(a) + np.linalg.norm(b))
-    if norm < 1e-12 or palm < 1e-12:
-        return 0.0
-    bends = [(j[base + 1 : base + 4] - j[base]) @ normal for base in _FINGER_BASES]
-    return float(np.sum(bends) / 3.0 / norm / palm)
+    """Signed handedness of 21 joints from their shape alone: > 0 right hand, < 0 left hand
+    (:func:`im2hands_model.hands.skeleton_chirality`)."""
+    return float(skeleton_chirality(np.asarray(joints, dtype=np.float64).reshape(21, 3)))
 
 
 def _box_diagonal(uv: np.ndarray) -> float:

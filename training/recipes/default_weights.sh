@@ -10,6 +10,7 @@
 #   bash training/recipes/default_weights.sh kpts-pred-slots  # experiment: free-slots predictor
 #   bash training/recipes/default_weights.sh kpts-pred-cues   # experiment: ... on --skin-cues renders
 #   bash training/recipes/default_weights.sh kpts-pred-aug    # experiment: ... + mirror/rotation
+#   bash training/recipes/default_weights.sh kpts-pred-anneal # ... then a short run to a low LR
 #
 # lane-a and lane-b run side by side, one thread each. Round 2 warm-starts every occupancy and
 # K network from its round-1 run (train.init_weights) and trains on 5,000 scenes; the predictor
@@ -22,7 +23,7 @@ VAL=out/bench/val
 TEST=out/default/test
 R2=runs/default
 
-step=${1:?usage: default_weights.sh data|bench|kpts-pred|kpts-pred-slots|kpts-pred-cues|kpts-pred-aug|kpts-ref|halo|i|r|lane-a|lane-b|evaluate|package}
+step=${1:?usage: default_weights.sh data|bench|kpts-pred|kpts-pred-slots|kpts-pred-cues|kpts-pred-aug|kpts-pred-anneal|kpts-ref|halo|i|r|lane-a|lane-b|evaluate|package}
 COMMON="data.train=$TRAIN data.val=$VAL data.points_per_hand=512 data.num_workers=1 \
   train.device=cpu train.scheduler.warmup_steps=50 train.val_every=250 train.val_batches=2"
 
@@ -72,6 +73,19 @@ kpts_pred_aug() {
     loss.w_heatmap=1.0 data.points_per_hand=16 train.init_weights=$R2/kpts_pred_cues/last.pt \
     train.batch_size=16 train.lr=5.0e-4 train.max_steps=${STEPS:-18000} \
     train.time_limit_min=${MINUTES:-60} train.scheduler.warmup_steps=100 train.val_every=500 \
+    train.val_batches=4 train.ckpt_every=250
+}
+kpts_pred_anneal() {
+  # experiment (not shipped): kpts-pred-aug stopped at its time limit with the learning rate still
+  # near its peak; a fresh cosine schedule over a short run anneals it. Slots are ordered by the
+  # chirality of their predicted skeletons (model.slot_order), which beat the handedness head
+  python training/train.py --config training/configs/kpts_pred.yaml --out $R2/kpts_pred_anneal \
+    --set data.train=out/cues/train data.val=out/cues/val data.num_workers=1 train.device=cpu \
+    model.input_size=128 model.free_slots=true model.slot_order=chirality \
+    data.augment.colour=0.3 data.augment.noise=0.02 data.augment.mirror=0.5 data.augment.rotate=45 \
+    loss.w_heatmap=1.0 data.points_per_hand=16 train.init_weights=$R2/kpts_pred_aug/last.pt \
+    train.batch_size=16 train.lr=2.5e-4 train.max_steps=${STEPS:-6000} \
+    train.time_limit_min=${MINUTES:-30} train.scheduler.warmup_steps=50 train.val_every=500 \
     train.val_batches=4 train.ckpt_every=250
 }
 kpts_ref() {
@@ -139,6 +153,7 @@ kpts-pred) kpts_pred ;;
 kpts-pred-slots) kpts_pred_slots ;;
 kpts-pred-cues) kpts_pred_cues ;;
 kpts-pred-aug) kpts_pred_aug ;;
+kpts-pred-anneal) kpts_pred_anneal ;;
 kpts-ref) kpts_ref ;;
 halo) halo ;;
 i) init_occ ;;

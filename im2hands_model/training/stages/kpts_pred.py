@@ -8,6 +8,7 @@ Config (besides the engine's keys)::
       crop_width_m: 0.3        # prior metric width of a crop at the hand's depth
       input_size: null         # resize crops to this width first (e.g. 128: 4x cheaper)
       free_slots: false        # learn which output slot holds which hand (handedness head)
+      slot_order: head         # free_slots: order the slots by the head or by skeleton chirality
     loss:                      # weights of keypoint_loss (defaults shown)
       w_2d: 3.0
       w_rel_depth: 10.0
@@ -65,6 +66,7 @@ def build_keypoint_predictor(model_cfg: dict) -> KeypointPredictor:
         crop_width_m=float(model_cfg.get("crop_width_m", 0.3)),
         input_size=model_cfg.get("input_size"),
         free_slots=bool(model_cfg.get("free_slots", False)),
+        slot_order=str(model_cfg.get("slot_order", "head")),
     )
 
 
