@@ -257,20 +257,24 @@ def test_free_slots_order_and_loss_pick_the_better_assignment(tmp_path) -> None:
     _, plain_terms = keypoint_loss(plain, batch)  # without free slots: no order is tried
     assert plain_terms["loss_2d"] > 1e-3 and "swapped" not in plain_terms
 
+    joints, hand_ort = _onnx_outputs(net, image, K, tmp_path / "kpts.onnx")
+    torch.testing.assert_close(torch.from_numpy(joints), pred.joints, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(hand_ort), hand, atol=1e-4, rtol=1e-4)
+
+
+def _onnx_outputs(net, image: torch.Tensor, K: torch.Tensor, path) -> list[np.ndarray]:
+    """(joints, handedness logits) of ``net`` exported to ONNX and run by ONNX Runtime."""
     import onnxruntime as ort
 
     from im2hands_model.pipeline import onnx_backend
 
-    path = tmp_path / "kpts.onnx"
     opset = onnx_backend.DEFAULT_OPSET
     torch.onnx.register_custom_op_symbolic("aten::linalg_inv", onnx_backend._inverse, opset)
     torch.onnx.export(_OutputsOf(net), (image, K), str(path), input_names=["image", "K"],
                       output_names=["joints", "hand"], dynamo=False, opset_version=opset,
                       dynamic_axes={"image": {0: "b"}, "K": {0: "b"}})  # fmt: skip
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    joints, hand_ort = session.run(None, {"image": image.numpy(), "K": K.numpy()})
-    torch.testing.assert_close(torch.from_numpy(joints), pred.joints, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(torch.from_numpy(hand_ort), hand, atol=1e-4, rtol=1e-4)
+    return session.run(None, {"image": image.numpy(), "K": K.numpy()})
 
 
 class _OutputsOf(torch.nn.Module):
@@ -501,18 +505,7 @@ def test_slot_order_by_chirality_orders_by_skeleton_shape_and_exports(tmp_path) 
     with pytest.raises(ValueError, match="slot_order"):
         KeypointPredictor(TINY_ENCODER, head_dim=16, free_slots=True, slot_order="size")
 
-    import onnxruntime as ort
-
-    from im2hands_model.pipeline import onnx_backend
-
-    path = tmp_path / "kpts_chirality.onnx"
-    opset = onnx_backend.DEFAULT_OPSET
-    torch.onnx.register_custom_op_symbolic("aten::linalg_inv", onnx_backend._inverse, opset)
-    torch.onnx.export(_OutputsOf(by_shape), (image, K), str(path), input_names=["image", "K"],
-                      output_names=["joints", "hand"], dynamo=False, opset_version=opset,
-                      dynamic_axes={"image": {0: "b"}, "K": {0: "b"}})  # fmt: skip
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    joints, _ = session.run(None, {"image": image.numpy(), "K": K.numpy()})
+    joints, _ = _onnx_outputs(by_shape, image, K, tmp_path / "kpts_chirality.onnx")
     torch.testing.assert_close(torch.from_numpy(joints), shape.joints, atol=1e-4, rtol=1e-4)
 
 
