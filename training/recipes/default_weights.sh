@@ -49,6 +49,16 @@ kpts_pred_slots() {
   python training/recipes/predictor_heatmaps.py --checkpoint $R2/kpts_pred_slots/last.pt \
     --out docs/predictor_heatmaps_free_slots.jpg
 }
+kpts_pred_on_cues() {
+  # a free-slots predictor run on the --skin-cues renders: RUN INIT [--set overrides...]
+  local run=$1 init=$2
+  shift 2
+  python training/train.py --config training/configs/kpts_pred.yaml --out $R2/$run \
+    --set data.train=out/cues/train data.val=out/cues/val data.num_workers=1 train.device=cpu \
+    model.input_size=128 model.free_slots=true data.augment.colour=0.3 data.augment.noise=0.02 \
+    loss.w_heatmap=1.0 data.points_per_hand=16 train.init_weights=$R2/$init \
+    train.batch_size=16 train.val_every=500 train.val_batches=4 train.ckpt_every=250 "$@"
+}
 kpts_pred_cues() {
   # experiment (not shipped): the free-slots predictor on renders with --skin-cues (lighter palms,
   # nails), to see whether handedness becomes learnable once palm and back look different
@@ -56,37 +66,23 @@ kpts_pred_cues() {
     --workers 2 --points-per-hand 64 --skin-cues
   [[ -f out/cues/train/index.json ]] || im2hands-data synth --n 4000 --seed 102 \
     --out out/cues/train --workers 2 --points-per-hand 64 --skin-cues
-  python training/train.py --config training/configs/kpts_pred.yaml --out $R2/kpts_pred_cues \
-    --set data.train=out/cues/train data.val=out/cues/val data.num_workers=1 train.device=cpu \
-    model.input_size=128 model.free_slots=true data.augment.colour=0.3 data.augment.noise=0.02 \
-    loss.w_heatmap=1.0 data.points_per_hand=16 train.init_weights=$R2/kpts_pred_slots/last.pt \
-    train.batch_size=16 train.lr=5.0e-4 train.max_steps=20000 train.time_limit_min=${MINUTES:-30} \
-    train.scheduler.warmup_steps=100 train.val_every=500 train.val_batches=4 train.ckpt_every=250
+  kpts_pred_on_cues kpts_pred_cues kpts_pred_slots/last.pt train.lr=5.0e-4 train.max_steps=20000 \
+    train.time_limit_min=${MINUTES:-30} train.scheduler.warmup_steps=100
 }
 kpts_pred_aug() {
   # experiment (not shipped): the skin-cues run continued with mirrored and rotated views of its
   # 4,000 scenes (data.augment.mirror/rotate), because it overfit them (docs/results_notes.md)
-  python training/train.py --config training/configs/kpts_pred.yaml --out $R2/kpts_pred_aug \
-    --set data.train=out/cues/train data.val=out/cues/val data.num_workers=1 train.device=cpu \
-    model.input_size=128 model.free_slots=true data.augment.colour=0.3 data.augment.noise=0.02 \
-    data.augment.mirror=0.5 data.augment.rotate=45 \
-    loss.w_heatmap=1.0 data.points_per_hand=16 train.init_weights=$R2/kpts_pred_cues/last.pt \
-    train.batch_size=16 train.lr=5.0e-4 train.max_steps=${STEPS:-18000} \
-    train.time_limit_min=${MINUTES:-60} train.scheduler.warmup_steps=100 train.val_every=500 \
-    train.val_batches=4 train.ckpt_every=250
+  kpts_pred_on_cues kpts_pred_aug kpts_pred_cues/last.pt data.augment.mirror=0.5 \
+    data.augment.rotate=45 train.lr=5.0e-4 train.max_steps=${STEPS:-18000} \
+    train.time_limit_min=${MINUTES:-60} train.scheduler.warmup_steps=100
 }
 kpts_pred_anneal() {
   # experiment (not shipped): kpts-pred-aug stopped at its time limit with the learning rate still
   # near its peak; a fresh cosine schedule over a short run anneals it. Slots are ordered by the
   # chirality of their predicted skeletons (model.slot_order), which beat the handedness head
-  python training/train.py --config training/configs/kpts_pred.yaml --out $R2/kpts_pred_anneal \
-    --set data.train=out/cues/train data.val=out/cues/val data.num_workers=1 train.device=cpu \
-    model.input_size=128 model.free_slots=true model.slot_order=chirality \
-    data.augment.colour=0.3 data.augment.noise=0.02 data.augment.mirror=0.5 data.augment.rotate=45 \
-    loss.w_heatmap=1.0 data.points_per_hand=16 train.init_weights=$R2/kpts_pred_aug/last.pt \
-    train.batch_size=16 train.lr=2.5e-4 train.max_steps=${STEPS:-6000} \
-    train.time_limit_min=${MINUTES:-30} train.scheduler.warmup_steps=50 train.val_every=500 \
-    train.val_batches=4 train.ckpt_every=250
+  kpts_pred_on_cues kpts_pred_anneal kpts_pred_aug/last.pt model.slot_order=chirality \
+    data.augment.mirror=0.5 data.augment.rotate=45 train.lr=2.5e-4 train.max_steps=${STEPS:-6000} \
+    train.time_limit_min=${MINUTES:-30} train.scheduler.warmup_steps=50
 }
 kpts_ref() {
   # K, warm-started: half of the scenes start from the predictor's output, half from GT, both
