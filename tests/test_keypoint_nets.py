@@ -509,6 +509,26 @@ def test_slot_order_by_chirality_orders_by_skeleton_shape_and_exports(tmp_path) 
     torch.testing.assert_close(torch.from_numpy(joints), shape.joints, atol=1e-4, rtol=1e-4)
 
 
+def test_evaluation_cache_tells_slot_orders_apart() -> None:
+    """The same weights with another slot order predict other hands, so their cached table rows
+    must not be reused (training/evaluate.py --cache keys rows by KeypointSources.digest)."""
+    from im2hands_model.training.evaluate import KeypointSources
+
+    torch.manual_seed(0)
+    head = KeypointPredictor(TINY_ENCODER, head_dim=16, free_slots=True).eval()
+    chiral = KeypointPredictor(TINY_ENCODER, head_dim=16, free_slots=True,
+                               slot_order="chirality").eval()  # fmt: skip
+    chiral.load_state_dict(head.state_dict())
+    refiner = KeypointRefiner(dim=32, heads=2, use_image=False)
+    a, b = KeypointSources(head, refiner, None), KeypointSources(chiral, refiner, None)
+    assert a.digest("gt") == b.digest("gt")
+    for source in a.available()[1:]:
+        assert a.digest(source) != b.digest(source), source
+    twin = KeypointPredictor(TINY_ENCODER, head_dim=16, free_slots=True).eval()
+    twin.load_state_dict(head.state_dict())
+    assert KeypointSources(twin, refiner, None).digest("pred") == a.digest("pred")
+
+
 def test_skeleton_chirality_on_rendered_hands(tiny_dataset_dir) -> None:
     """Every ground-truth hand of the synthetic scenes has the sign of its side; a mirror flips
     it, a rotation keeps it, and numpy and torch agree."""

@@ -222,7 +222,13 @@ class KeypointSources:
             nets = {"pred": [self.predictor], "noisy": []}[source.removesuffix("+K")]
             if source.endswith("+K"):
                 nets.append(self.refiner)
-            self._digests[source] = f"{source}:{network_digest(*nets)}"
+            digest = f"{source}:{network_digest(*nets)}"
+            # the slot order is a setting, not a weight: two predictors with the same weights
+            # but different orders predict different hands (the default keeps older caches valid)
+            order = getattr(self.predictor, "slot_order", "head")
+            if source.startswith("pred") and order != "head":
+                digest += f":{order}"
+            self._digests[source] = digest
         return self._digests[source]
 
     @torch.no_grad()
