@@ -11,6 +11,7 @@
 #   bash training/recipes/default_weights.sh kpts-pred-cues   # experiment: ... on --skin-cues renders
 #   bash training/recipes/default_weights.sh kpts-pred-aug    # experiment: ... + mirror/rotation
 #   bash training/recipes/default_weights.sh kpts-pred-anneal # ... then a short run to a low LR
+#   bash training/recipes/default_weights.sh kpts-ref-anneal  # K again, on the annealed predictor
 #
 # lane-a and lane-b run side by side, one thread each. Round 2 warm-starts every occupancy and
 # K network from its round-1 run (train.init_weights) and trains on 5,000 scenes; the predictor
@@ -23,7 +24,7 @@ VAL=out/bench/val
 TEST=out/default/test
 R2=runs/default
 
-step=${1:?usage: default_weights.sh data|bench|kpts-pred|kpts-pred-slots|kpts-pred-cues|kpts-pred-aug|kpts-pred-anneal|kpts-ref|halo|i|r|lane-a|lane-b|evaluate|package}
+step=${1:?usage: default_weights.sh data|bench|kpts-pred|kpts-pred-slots|kpts-pred-cues|kpts-pred-aug|kpts-pred-anneal|kpts-ref|kpts-ref-anneal|halo|i|r|lane-a|lane-b|evaluate|package}
 COMMON="data.train=$TRAIN data.val=$VAL data.points_per_hand=512 data.num_workers=1 \
   train.device=cpu train.scheduler.warmup_steps=50 train.val_every=250 train.val_batches=2"
 
@@ -84,16 +85,22 @@ kpts_pred_anneal() {
     data.augment.mirror=0.5 data.augment.rotate=45 train.lr=2.5e-4 train.max_steps=${STEPS:-6000} \
     train.time_limit_min=${MINUTES:-30} train.scheduler.warmup_steps=50
 }
-kpts_ref() {
+k_on_predictor() {
   # K, warm-started: half of the scenes start from the predictor's output, half from GT, both
-  # with 6 mm per joint + 8 mm per hand of noise (validation: the predictor's output)
-  python training/train.py --config training/configs/kpts_ref.yaml --out $R2/kpts_ref \
+  # with 6 mm per joint + 8 mm per hand of noise (validation: the predictor's output).
+  # Arguments: RUN INIT PREDICTOR STEPS
+  python training/train.py --config training/configs/kpts_ref.yaml --out $R2/$1 \
     --set "data.train=$TRAIN" data.val=$VAL data.num_workers=1 train.device=cpu \
-    train.init_weights=runs/bench/kref/best.pt init.kpts_pred_checkpoint=$R2/kpts_pred/best.pt \
+    train.init_weights=$2 init.kpts_pred_checkpoint=$3 \
     loss.predictor_fraction=0.5 loss.sigma_mm=6.0 loss.global_mm=8.0 \
     data.augment.colour=0.3 data.augment.noise=0.02 \
-    train.batch_size=8 train.lr=3.0e-4 train.max_steps=1800 train.time_limit_min=15 \
+    train.batch_size=8 train.lr=3.0e-4 train.max_steps=$4 train.time_limit_min=15 \
     train.scheduler.warmup_steps=50 train.val_every=300 train.val_batches=4
+}
+kpts_ref() { k_on_predictor kpts_ref runs/bench/kref/best.pt $R2/kpts_pred/best.pt 1800; }
+kpts_ref_anneal() {
+  # K retrained for the annealed, chirality-ordered predictor, warm-started from kpts-ref's K
+  k_on_predictor kpts_ref_anneal $R2/kpts_ref/best.pt $R2/kpts_pred_anneal/last.pt 3000
 }
 halo() {
   python training/train.py --config training/configs/init_occ.yaml --out $R2/halo \
@@ -151,6 +158,7 @@ kpts-pred-cues) kpts_pred_cues ;;
 kpts-pred-aug) kpts_pred_aug ;;
 kpts-pred-anneal) kpts_pred_anneal ;;
 kpts-ref) kpts_ref ;;
+kpts-ref-anneal) kpts_ref_anneal ;;
 halo) halo ;;
 i) init_occ ;;
 r) ref_occ ;;
