@@ -340,6 +340,10 @@ def test_export_manifest_and_load_pretrained_round_trip(runs, tiny_dataset_dir, 
         rounds = entry["training"]["rounds"]
         assert rounds[-1]["train_data"][0]["seed"] == seed, name
         assert entry["training"]["total_steps"] == rounds[-1]["steps"] > 0
+        # best.pt: its own validation value is the run's best (a last.pt would differ)
+        best = {k: v for k, v in rounds[-1]["best_val"].items() if k != "step"}
+        assert rounds[-1]["checkpoint"] == "best.pt", name
+        assert rounds[-1]["val"] == pytest.approx(next(iter(best.values()))), name
         net = load_pretrained(name, weights_dir=weights)
         state = _state(runs[name] / "best.pt")
         for k, v in net.state_dict().items():

@@ -1,9 +1,10 @@
 """Package trained runs as the shipped weights (``python training/export_weights.py``).
 
-Each run's ``best.pt`` becomes ``<name>.safetensors`` in the weights folder, and
-``manifest.json`` records for every network: the stage, the run config (architecture and the
+Each run's checkpoint (usually ``best.pt``) becomes ``<name>.safetensors`` in the weights folder,
+and ``manifest.json`` records for every network: the stage, the run config (architecture and the
 data it saw), the training data seeds and scene counts (read from the datasets' reports), the
-steps of every round (a run warm-started from another lists both), its best validation metric,
+steps of every round (a run warm-started from another lists both), which checkpoint of each round
+it came from with that checkpoint's validation value and the round's best,
 the file's size and SHA-256, and the date. ``--results`` adds the held-out test table
 (``training/evaluate.py``'s ``results.json``) to the manifest.
 """
@@ -42,6 +43,23 @@ def _datasets(value: Any) -> list[dict[str, Any]]:
     return [_dataset_info(v) for v in (value if isinstance(value, list) else [value])]
 
 
+def _val_at(run: Path, step: int, metric: str | None) -> float | None:
+    """The run's validation ``metric`` at ``step`` (``val_log.jsonl``), if it validated there: a
+    ``last.pt`` is not the best checkpoint, so ``best_val`` alone would misreport it."""
+    log = run / "val_log.jsonl"
+    if not metric or not log.is_file():
+        return None
+    for line in log.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash: the others still count
+        if entry.get("step") == step:
+            value = entry.get("metrics", {}).get(metric)
+            return float(value) if value is not None else None
+    return None
+
+
 def _rounds(ckpt_path: Path) -> list[dict[str, Any]]:
     """The training rounds behind a checkpoint: its own run, preceded by the run it was
     warm-started from (``train.init_weights``), recursively."""
@@ -57,7 +75,9 @@ def _rounds(ckpt_path: Path) -> list[dict[str, Any]]:
         "lr": tc.get("lr"),
         "train_data": _datasets(cfg.get("data", {}).get("train")),
         "val_data": _datasets(cfg.get("data", {}).get("val")),
+        "checkpoint": ckpt_path.name,
         "best_val": {best.get("metric", "metric"): best.get("value"), "step": best.get("step")},
+        "val": _val_at(ckpt_path.parent, int(ckpt.get("step", 0)), best.get("metric")),
         "loss": dict(cfg.get("loss", {}) or {}),
     }
     parent = tc.get("init_weights")
