@@ -575,25 +575,6 @@ class FrameSkipped(Exception):  # noqa: N818 - a control-flow signal, not an err
         self.detail = detail
 
 
-def crop_image(image: np.ndarray, corner: np.ndarray, side: float, size: int) -> np.ndarray:
-    """Resample the square ``[x0, x0 + side) x [y0, y0 + side)`` (our pixel convention) of an
-    ``[H, W, 3]`` uint8 image to ``size`` x ``size`` (bilinear; outside the image is black)."""
-    from scipy.ndimage import map_coordinates
-
-    step = side / size
-    centres = (np.arange(size) + 0.5) * step  # output pixel centres, in input pixels
-    # input array index = our coordinate - 0.5 (pixel c's centre is at c + 0.5)
-    cols = corner[0] + centres - 0.5
-    rows = corner[1] + centres - 0.5
-    rr, cc = np.meshgrid(rows, cols, indexing="ij")
-    out = np.empty((size, size, image.shape[2]), np.float64)
-    for ch in range(image.shape[2]):
-        out[..., ch] = map_coordinates(
-            image[..., ch].astype(np.float64), [rr, cc], order=1, mode="constant", cval=0.0
-        )
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
-
-
 def frame_layout(verts: list[np.ndarray], faces: list[np.ndarray]) -> tuple[str, float]:
     """The synthetic layout name that describes two GT hands, and their gap in metres.
 
@@ -642,6 +623,7 @@ def convert_frame(
     from im2hands_model.data.render import project_points
     from im2hands_model.data.synthetic import CROP_FILL, crop_intrinsics, crop_square
     from im2hands_model.hands import root_frame
+    from im2hands_model.pipeline.crop import CropWindow, crop_image
 
     cam = frame.camera
     verts, joints = [], []
@@ -671,7 +653,9 @@ def convert_frame(
     centre, side = crop_square(project_points(np.concatenate(verts), K_full), CROP_FILL)
     corner = centre - side / 2
     K_crop = crop_intrinsics(K_full, corner, side, size)
-    crop = crop_image(image, corner, side, size)
+    # the same resampler as the pipeline's crops at run time (pixel centres kept, shrinking
+    # area-averaged), so networks trained on these crops see what they will be given
+    crop = crop_image(image, CropWindow(float(corner[0]), float(corner[1]), float(side)), size)
 
     # Occupancy of each hand in its normalised box, from its own random stream.
     rng = np.random.default_rng(np.random.SeedSequence([int(settings.seed), frame.image_id]))
