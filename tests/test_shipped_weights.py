@@ -17,19 +17,24 @@ from im2hands_model.pretrained import MODELS, WEIGHTS_DIR, load_pretrained, mani
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_SEED = 300  # the held-out test set of docs/results.md; never trained on
-FRAMES = 6
+FRAMES = 6  # meshed
+KEYPOINT_FRAMES = 40  # keypoints only (cheap): enough hands for a stable mean error
 
-#: Measured on these 6 frames (64^3 effective, 20k IoU / Chamfer samples) with the shipped
-#: weights on 2026-11-21 (in the comments), loosened by ~5 IoU points / ~30 % / ~15 %. An untrained
-#: I scores about 43 % (capsule prior alone), so broken occupancy weights fail here. The keypoint
-#: predictor is at the level of the mean hand pose (docs/results.md), so its bound only catches
-#: a collapse well beyond that.
+#: Meshes of the first 6 frames (64^3 effective, 20k IoU / Chamfer samples) with the shipped
+#: weights, measured on 2026-11-22 (in the comments), loosened by ~5 IoU points / ~30 %. An
+#: untrained I scores about 43 % (capsule prior alone), so broken occupancy weights fail here.
 FLOORS: dict[str, dict[str, float]] = {
-    "HALO": {"iou": 78.0, "chamfer_mm": 2.0},  # 83.7 %, 1.42 mm
-    "I": {"iou": 79.0, "chamfer_mm": 2.0},  # 85.2 %, 1.53 mm
-    "I+R": {"iou": 78.0, "chamfer_mm": 2.0},  # 83.6 %, 1.58 mm
-    "I on pred. kpts": {"mpjpe_mm": 60.0},  # 52.8 mm
-    "I on pred. kpts + K": {"mpjpe_mm": 60.0},  # 51.1 mm
+    "HALO": {"iou": 78.0, "chamfer_mm": 2.0},  # 84.5 %, 1.42 mm
+    "I": {"iou": 78.0, "chamfer_mm": 2.0},  # 83.0 %, 1.53 mm
+    "I+R": {"iou": 78.0, "chamfer_mm": 2.0},  # 85.7 %, 1.57 mm
+}
+#: Root-aligned MPJPE (mm) of the keypoint sources on the 77 hands of the first 40 frames (in the
+#: comments), loosened by ~8 % / ~20 %. The first shipped predictor, at the level of the mean hand
+#: pose, measured 54.6 mm here and fails the first bound; the "noisy" rows check K on its own.
+KEYPOINT_CEILINGS: dict[str, float] = {
+    "pred. kpts": 53.0,  # 49.3 mm
+    "pred. kpts + K": 52.0,  # 48.0 mm
+    "noisy kpts + K": 11.0,  # 9.2 mm (noisy input: 17.2 mm)
 }
 
 
@@ -37,7 +42,7 @@ FLOORS: dict[str, dict[str, float]] = {
 def frames(tmp_path_factory) -> Path:
     """The first scenes of the held-out test set, generated here (256-px crops, as trained)."""
     out = tmp_path_factory.mktemp("frames") / "ds"
-    cmd = [sys.executable, "-m", "im2hands_model.data.cli", "synth", "--n", str(FRAMES),
+    cmd = [sys.executable, "-m", "im2hands_model.data.cli", "synth", "--n", str(KEYPOINT_FRAMES),
            "--seed", str(TEST_SEED), "--out", str(out), "--workers", "2",
            "--points-per-hand", "1024", "--quiet", "--no-contact-sheet"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -73,19 +78,23 @@ def test_every_shipped_network_loads(name):
 def test_shipped_weights_reconstruct_fixed_frames(frames, tmp_path):
     out = tmp_path / "eval"
     cmd = [sys.executable, str(ROOT / "training" / "evaluate.py"), "--pretrained", "--data",
-           str(frames), "--resolution", "32", "--upsampling-steps", "1", "--n-iou", "20000",
+           str(frames), "--scenes", str(FRAMES), "--keypoint-scenes", str(KEYPOINT_FRAMES),
+           "--resolution", "32", "--upsampling-steps", "1", "--n-iou", "20000",
            "--n-chamfer", "20000", "--pictures", "0", "--quiet", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads((out / "results.json").read_text())["variants"]
+    results = json.loads((out / "results.json").read_text())
+    rows, keypoints = results["variants"], results["keypoints"]["sources"]
     print(json.dumps({k: {m: v[m] for m in ("iou", "chamfer_mm", "mpjpe_mm")}
                       for k, v in rows.items() if v["iou"] is not None}))  # fmt: skip
-    assert FLOORS, "floors not set"
+    print(json.dumps({k: v["mpjpe_mm"] for k, v in keypoints.items()}))
+    for source, ceiling in KEYPOINT_CEILINGS.items():
+        assert keypoints[source]["n_hands"] >= KEYPOINT_FRAMES, source  # every frame has a hand
+        assert keypoints[source]["mpjpe_mm"] <= ceiling, (source, keypoints[source], ceiling)
     for variant, floor in FLOORS.items():
         row = rows[variant]
         if "iou" in floor:
             assert row["iou"] >= floor["iou"], (variant, row["iou"], floor)
         if "chamfer_mm" in floor:
             assert row["chamfer_mm"] <= floor["chamfer_mm"], (variant, row["chamfer_mm"], floor)
-        if "mpjpe_mm" in floor:
-            assert row["mpjpe_mm"] <= floor["mpjpe_mm"], (variant, row["mpjpe_mm"], floor)
+        assert row["n_hands"] >= FRAMES, variant

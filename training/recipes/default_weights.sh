@@ -7,11 +7,15 @@
 #   bash training/recipes/default_weights.sh lane-b    # round 2: HALO, I, then R on the new I
 #   bash training/recipes/default_weights.sh evaluate  # docs/results.{md,json}, docs/results.png
 #   bash training/recipes/default_weights.sh package   # safetensors + manifest into the package
-#   bash training/recipes/default_weights.sh kpts-pred-slots  # experiment: free-slots predictor
-#   bash training/recipes/default_weights.sh kpts-pred-cues   # experiment: ... on --skin-cues renders
-#   bash training/recipes/default_weights.sh kpts-pred-aug    # experiment: ... + mirror/rotation
-#   bash training/recipes/default_weights.sh kpts-pred-anneal # ... then a short run to a low LR
+#   bash training/recipes/default_weights.sh kpts-pred-slots  # predictor round 2: free slots
+#   bash training/recipes/default_weights.sh kpts-pred-cues   # round 3: on --skin-cues renders
+#   bash training/recipes/default_weights.sh kpts-pred-aug    # round 4: + mirror/rotation
+#   bash training/recipes/default_weights.sh kpts-pred-anneal # round 5: a short run to a low LR
 #   bash training/recipes/default_weights.sh kpts-ref-anneal  # K again, on the annealed predictor
+#
+# Shipped since 2026-11-22: the predictor of kpts-pred-anneal (last.pt, the end of its schedule)
+# and the K of kpts-ref-anneal; HALO, I and R of lane-b. Until then lane-a's predictor and K were
+# shipped (docs/results_notes.md tells the story).
 #
 # lane-a and lane-b run side by side, one thread each. Round 2 warm-starts every occupancy and
 # K network from its round-1 run (train.init_weights) and trains on 5,000 scenes; the predictor
@@ -37,9 +41,11 @@ kpts_pred() {
     model.input_size=128 data.augment.colour=0.3 data.augment.noise=0.02 loss.w_heatmap=1.0 \
     train.batch_size=16 train.lr=5.0e-4 train.max_steps=6000 train.time_limit_min=30 \
     train.scheduler.warmup_steps=300 train.val_every=500 train.val_batches=4
+  python training/recipes/predictor_heatmaps.py --checkpoint $R2/kpts_pred/best.pt \
+    --out docs/predictor_heatmaps.jpg
 }
 kpts_pred_slots() {
-  # experiment (not shipped): the shipped predictor warm-started with model.free_slots=true, so
+  # predictor round 2: round 1 warm-started with model.free_slots=true, so
   # localisation no longer waits for handedness (docs/results.md, "The keypoint predictor")
   python training/train.py --config training/configs/kpts_pred.yaml --out $R2/kpts_pred_slots \
     --set "data.train=$TRAIN" data.val=$VAL data.num_workers=1 train.device=cpu \
@@ -61,7 +67,7 @@ kpts_pred_on_cues() {
     train.batch_size=16 train.val_every=500 train.val_batches=4 train.ckpt_every=250 "$@"
 }
 kpts_pred_cues() {
-  # experiment (not shipped): the free-slots predictor on renders with --skin-cues (lighter palms,
+  # predictor round 3: the free-slots predictor on renders with --skin-cues (lighter palms,
   # nails), to see whether handedness becomes learnable once palm and back look different
   [[ -f out/cues/val/index.json ]] || im2hands-data synth --n 64 --seed 201 --out out/cues/val \
     --workers 2 --points-per-hand 64 --skin-cues
@@ -71,19 +77,22 @@ kpts_pred_cues() {
     train.time_limit_min=${MINUTES:-30} train.scheduler.warmup_steps=100
 }
 kpts_pred_aug() {
-  # experiment (not shipped): the skin-cues run continued with mirrored and rotated views of its
+  # predictor round 4: the skin-cues run continued with mirrored and rotated views of its
   # 4,000 scenes (data.augment.mirror/rotate), because it overfit them (docs/results_notes.md)
   kpts_pred_on_cues kpts_pred_aug kpts_pred_cues/last.pt data.augment.mirror=0.5 \
     data.augment.rotate=45 train.lr=5.0e-4 train.max_steps=${STEPS:-18000} \
     train.time_limit_min=${MINUTES:-60} train.scheduler.warmup_steps=100
 }
 kpts_pred_anneal() {
-  # experiment (not shipped): kpts-pred-aug stopped at its time limit with the learning rate still
-  # near its peak; a fresh cosine schedule over a short run anneals it. Slots are ordered by the
-  # chirality of their predicted skeletons (model.slot_order), which beat the handedness head
+  # predictor round 5, shipped (its last.pt): kpts-pred-aug stopped at its time limit with the
+  # learning rate still near its peak; a fresh cosine schedule over a short run anneals it. Slots
+  # are ordered by the chirality of their predicted skeletons (model.slot_order), which beat the
+  # handedness head
   kpts_pred_on_cues kpts_pred_anneal kpts_pred_aug/last.pt model.slot_order=chirality \
     data.augment.mirror=0.5 data.augment.rotate=45 train.lr=2.5e-4 train.max_steps=${STEPS:-6000} \
     train.time_limit_min=${MINUTES:-30} train.scheduler.warmup_steps=50
+  python training/recipes/predictor_heatmaps.py --checkpoint $R2/kpts_pred_anneal/last.pt \
+    --out docs/predictor_heatmaps_anneal.jpg
 }
 k_on_predictor() {
   # K, warm-started: half of the scenes start from the predictor's output, half from GT, both
@@ -133,11 +142,11 @@ bench)
   echo "run the commands above (two at a time), then lane-a and lane-b" >&2
   ;;
 package)
-  # round-2 runs -> im2hands_model/weights/ (+ the test table once docs/results.json exists)
+  # the shipped runs -> im2hands_model/weights/ (+ the test table once docs/results.json exists)
   RESULTS=()
   [[ -f docs/results.json ]] && RESULTS=(--results docs/results.json)
-  python training/export_weights.py --kpts-pred $R2/kpts_pred/best.pt \
-    --kpts-ref $R2/kpts_ref/best.pt --halo $R2/halo/best.pt --init-occ $R2/i/best.pt \
+  python training/export_weights.py --kpts-pred $R2/kpts_pred_anneal/last.pt \
+    --kpts-ref $R2/kpts_ref_anneal/best.pt --halo $R2/halo/best.pt --init-occ $R2/i/best.pt \
     --ref-occ $R2/r/best.pt "${RESULTS[@]}" \
     --notes "CPU-trained default weights (2-core CPU, no GPU): training/recipes/default_weights.sh"
   ;;

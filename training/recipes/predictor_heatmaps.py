@@ -1,14 +1,14 @@
 """Where a keypoint predictor's heatmaps put their mass: a picture and two numbers.
 
     python training/recipes/predictor_heatmaps.py [--checkpoint RUN/best.pt] \
-        [--data out/default/test] [--scenes 100] [--out docs/predictor_heatmaps.jpg]
+        [--data out/default/test] [--scenes 100] [--out out/predictor_heatmaps.jpg]
 
 For every joint of every present hand in the first ``--scenes`` two-hand scenes it measures the
 heatmap probability within 16 crop pixels of the joint, and within 16 pixels of the same joint
 of the *other* hand. A predictor that knows which hand is which puts far more on the first; the
-shipped CPU-trained one (default) splits its mass between the two, which is why its
-soft-argmax joints sit between the hands. The same numbers with the two hands matched in the
-better order per scene tell localisation apart from handedness (``model.free_slots`` networks
+first CPU-trained one (``runs/default/kpts_pred/best.pt``) split its mass between the two, which
+is why its soft-argmax joints sat between the hands. The same numbers with the two hands matched in
+the better order per scene tell localisation apart from handedness (``model.free_slots`` networks
 localise first and learn handedness separately). The picture shows, for three interacting
 scenes, the wrist and index-tip heatmaps of each hand over the crop (green: that joint's ground
 truth; magenta: the same joint of the other hand).
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", help="kpts_pred training checkpoint (default: shipped)")
     ap.add_argument("--data", default="out/default/test", help="dataset folder")
     ap.add_argument("--scenes", type=int, default=100, help="scenes to measure")
-    ap.add_argument("--out", default="docs/predictor_heatmaps.jpg", help="picture to write")
+    ap.add_argument("--out", default="out/predictor_heatmaps.jpg", help="picture to write")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.checkpoint:
