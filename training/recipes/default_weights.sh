@@ -12,6 +12,7 @@
 #   bash training/recipes/default_weights.sh kpts-pred-aug    # round 4: + mirror/rotation
 #   bash training/recipes/default_weights.sh kpts-pred-anneal # round 5: a short run to a low LR
 #   bash training/recipes/default_weights.sh kpts-ref-anneal  # K again, on the annealed predictor
+#   bash training/recipes/default_weights.sh r-pen            # experiment: R, 400x penetration weight
 #
 # Shipped since 2026-11-22: the predictor of kpts-pred-anneal (last.pt, the end of its schedule)
 # and the K of kpts-ref-anneal; HALO, I and R of lane-b. Until then lane-a's predictor and K were
@@ -28,7 +29,7 @@ VAL=out/bench/val
 TEST=out/default/test
 R2=runs/default
 
-step=${1:?usage: default_weights.sh data|bench|kpts-pred|kpts-pred-slots|kpts-pred-cues|kpts-pred-aug|kpts-pred-anneal|kpts-ref|kpts-ref-anneal|halo|i|r|lane-a|lane-b|evaluate|package}
+step=${1:?usage: default_weights.sh data|bench|kpts-pred|kpts-pred-slots|kpts-pred-cues|kpts-pred-aug|kpts-pred-anneal|kpts-ref|kpts-ref-anneal|halo|i|r|r-pen|lane-a|lane-b|evaluate|package}
 COMMON="data.train=$TRAIN data.val=$VAL data.points_per_hand=512 data.num_workers=1 \
   train.device=cpu train.scheduler.warmup_steps=50 train.val_every=250 train.val_batches=2"
 
@@ -128,6 +129,17 @@ ref_occ() {
     model.anchor_candidates=4096 loss.penetration_weight=0.05 train.val_every=100 \
     train.batch_size=4 train.lr=3.0e-4 train.max_steps=400 train.time_limit_min=25
 }
+ref_occ_pen() {
+  # experiment (not shipped): the shipped R continued with a 400x larger penetration weight, to
+  # see how far the loss alone pulls I+R's penetration down (docs/results_notes.md, "Targets")
+  python training/train.py --config training/configs/ref_occ.yaml --out $R2/r_pen20 \
+    --set $COMMON init.init_occ_checkpoint=$R2/i/best.pt train.init_weights=$R2/r/best.pt \
+    model.anchor_candidates=4096 loss.penetration_weight=20 train.val_every=100 \
+    train.batch_size=4 train.lr=2.0e-4 train.max_steps=400 train.time_limit_min=20
+  python training/evaluate.py --checkpoint $R2/i/best.pt --checkpoint $R2/r_pen20/best.pt \
+    --data $TEST --scenes 60 --keypoint-scenes 1 --upsampling-steps 2 --jobs 2 \
+    --out out/r_pen/eval --pictures 0 --cache out/r_pen/cache
+}
 
 case "$step" in
 data)
@@ -171,6 +183,7 @@ kpts-ref-anneal) kpts_ref_anneal ;;
 halo) halo ;;
 i) init_occ ;;
 r) ref_occ ;;
+r-pen) ref_occ_pen ;;
 lane-a) kpts_pred; kpts_ref ;;
 lane-b) halo; init_occ; ref_occ ;;
 *)
