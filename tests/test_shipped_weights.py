@@ -98,3 +98,38 @@ def test_shipped_weights_reconstruct_fixed_frames(frames, tmp_path):
         if "chamfer_mm" in floor:
             assert row["chamfer_mm"] <= floor["chamfer_mm"], (variant, row["chamfer_mm"], floor)
         assert row["n_hands"] >= FRAMES, variant
+
+
+def _evaluate_shipped(frames: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "training" / "evaluate.py"), "--pretrained", "--data",
+           str(frames), "--scenes", str(FRAMES), "--keypoint-scenes", str(FRAMES),
+           "--resolution", "16", "--upsampling-steps", "1", "--n-iou", "5000",
+           "--n-chamfer", "2000", "--pictures", "0", "--quiet", "--out", str(out),
+           *extra]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+def test_threshold_r_moves_only_the_refined_rows(frames, tmp_path):
+    """--threshold-r re-meshes I+R at another level: HALO and I rows stay as they are, R's hands
+    shrink as the level rises (nested level sets: their overlap cannot grow), the table says which
+    level it used, and a cache of one level is not mixed into a run at another."""
+    cache = tmp_path / "cache"
+    low = _evaluate_shipped(frames, tmp_path / "low", "--threshold-r", "0.3", "--cache", str(cache))
+    assert low.returncode == 0, low.stderr[-3000:]
+    high = _evaluate_shipped(frames, tmp_path / "high", "--threshold-r", "0.7")
+    assert high.returncode == 0, high.stderr[-3000:]
+    lo = json.loads((tmp_path / "low" / "results.json").read_text())
+    hi = json.loads((tmp_path / "high" / "results.json").read_text())
+    assert (lo["settings"]["threshold_r"], hi["settings"]["threshold_r"]) == (0.3, 0.7)
+    for name, row in lo["variants"].items():
+        if not name.startswith("I+R"):
+            assert hi["variants"][name] == row, name  # not R's rows: unchanged
+    a, b = lo["variants"]["I+R"], hi["variants"]["I+R"]
+    assert a["iou"] != b["iou"] and a["chamfer_mm"] != b["chamfer_mm"]
+    assert b["penetration_cm3"] <= a["penetration_cm3"] + 1e-3, (a, b)
+    assert "and 0.7 (I+R)" in (tmp_path / "high" / "results.md").read_text()
+    mixed = _evaluate_shipped(frames, tmp_path / "mixed", "--threshold-r", "0.7", "--cache",
+                              str(cache))  # fmt: skip
+    assert mixed.returncode == 2 and "threshold_r" in mixed.stderr, mixed.stderr[-2000:]
+    bad = _evaluate_shipped(frames, tmp_path / "bad", "--threshold-r", "1.5")
+    assert bad.returncode == 2 and "--threshold-r" in bad.stderr

@@ -257,12 +257,14 @@ def build_variants(
     steps: int,
     seed: int,
     source_digest: Callable[[str], str],
+    threshold_r: float = THRESHOLD_R,
 ) -> list[Variant]:
     """The table's rows: each occupancy checkpoint with each keypoint source (module docstring).
 
     Noisy-keypoint sources (no predictor given) use only I (else the first occupancy model),
     the cheapest informative choice; predicted keypoints go through every occupancy model.
-    ``source_digest`` (:meth:`KeypointSources.digest`) completes each row's digest.
+    ``source_digest`` (:meth:`KeypointSources.digest`) completes each row's digest;
+    ``threshold_r`` is the iso-level of the I+R rows.
     """
     models: list[tuple[str, float, Callable, str]] = []
     for stage, _cfg, model in runs:
@@ -271,7 +273,7 @@ def build_variants(
             models.append((name, THRESHOLD_I, _init_occupancy(model), network_digest(model)))
         elif stage == "ref_occ":
             occ = _refined_occupancy(model, resolution, steps, seed)
-            models.append(("I+R", THRESHOLD_R, occ, network_digest(model)))
+            models.append(("I+R", threshold_r, occ, network_digest(model)))
     if not models:
         return []
     variants: list[Variant] = []
@@ -306,7 +308,7 @@ def _load_models(args: argparse.Namespace, device: torch.device):
             predictor = model
     kpts = KeypointSources(predictor, refiner, noise_stage)
     variants = build_variants(runs, kpts.available(), args.resolution, args.upsampling_steps,
-                              args.seed, kpts.digest)  # fmt: skip
+                              args.seed, kpts.digest, args.threshold_r)  # fmt: skip
     if not variants:
         raise ValueError("no occupancy checkpoint given (init_occ / ref_occ)")
     return variants, kpts, noise_stage
@@ -487,6 +489,7 @@ def _cache_settings(args: argparse.Namespace) -> dict:
         "noise_mm": args.noise_mm,
         "seed": args.seed,
         "mesh_scenes": args.mesh_scenes,
+        "threshold_r": args.threshold_r,
     }
 
 
@@ -498,6 +501,7 @@ def _open_cache(args: argparse.Namespace) -> dict[int, dict]:
     settings = _cache_settings(args)
     if settings_path.is_file():
         old = json.loads(settings_path.read_text())
+        old.setdefault("threshold_r", THRESHOLD_R)  # caches written before --threshold-r
         if old != settings:
             changed = sorted(k for k in settings if old.get(k) != settings[k])
             raise ValueError(
@@ -623,6 +627,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         "n_chamfer": args.n_chamfer,
         "noise_mm": None if noise_stage is None else noise_stage.sigma_mm,
         "seed": args.seed,
+        "threshold_i": THRESHOLD_I,
+        "threshold_r": args.threshold_r,
         "jobs": args.jobs,
         "seconds": round(seconds, 1),
         "cached_scenes": len(records) - len(todo) if args.cache else 0,
@@ -663,7 +669,8 @@ def results_markdown(summary: dict, notes: str = "") -> str:
         "",
         f"Protocol: meshes by MISE from {st['resolution']}³ with {st['upsampling_steps']} "
         f"subdivisions ({st['effective_resolution']}³ effective) and marching cubes, thresholds "
-        f"{THRESHOLD_I} (HALO, I) and {THRESHOLD_R} (I+R). IoU on {st['n_iou']:,} uniform points "
+        f"{st.get('threshold_i', THRESHOLD_I)} (HALO, I) and "
+        f"{st.get('threshold_r', THRESHOLD_R)} (I+R). IoU on {st['n_iou']:,} uniform points "
         f"of each hand's box; Chamfer-L1 with {st['n_chamfer']:,} surface samples each way and "
         "MPJPE, both after aligning each hand at joint 9; penetration volume between the two "
         "hands (1 mm voxels); contact area = surface within 3 mm of, or inside, the other hand "
@@ -780,6 +787,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--threshold-r",
+        type=float,
+        default=THRESHOLD_R,
+        metavar="T",
+        help=f"iso-level of the I+R meshes (default {THRESHOLD_R}, the paper's; I and HALO use "
+        f"{THRESHOLD_I}): a lower level grows R's hands, a higher one shrinks them",
+    )
+    p.add_argument(
         "--cache",
         default=None,
         metavar="DIR",
@@ -801,6 +816,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--jobs must be >= 1")
     if args.scenes is not None and args.scenes <= 0:
         p.error("--scenes must be positive")
+    if not 0.0 < args.threshold_r < 1.0:
+        p.error("--threshold-r must lie strictly between 0 and 1")
     if args.resolution < 2 or args.upsampling_steps < 0:
         p.error("--resolution must be >= 2 and --upsampling-steps >= 0")
     return args
