@@ -133,3 +133,21 @@ def test_threshold_r_moves_only_the_refined_rows(frames, tmp_path):
     assert mixed.returncode == 2 and "threshold_r" in mixed.stderr, mixed.stderr[-2000:]
     bad = _evaluate_shipped(frames, tmp_path / "bad", "--threshold-r", "1.5")
     assert bad.returncode == 2 and "--threshold-r" in bad.stderr
+
+
+def test_published_table_is_its_json_and_notes(tmp_path):
+    """docs/results.md is what `evaluate.py --render` makes of docs/results.json and the notes:
+    an edited number or a note edited in one place only fails here. The render keeps the date of
+    the evaluation, not the day it was rendered."""
+    import shutil
+
+    shutil.copy(ROOT / "docs" / "results.json", tmp_path / "results.json")
+    notes = ROOT / "docs" / "results_notes.md"
+    cmd = [sys.executable, str(ROOT / "training" / "evaluate.py"), "--render",
+           str(tmp_path / "results.json"), "--notes", str(notes)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rendered = (tmp_path / "results.md").read_text()
+    date = json.loads((tmp_path / "results.json").read_text())["settings"]["date"]
+    assert f"on {date} (" in rendered.splitlines()[2]
+    assert rendered == (ROOT / "docs" / "results.md").read_text()
