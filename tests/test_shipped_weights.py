@@ -112,7 +112,8 @@ def _evaluate_shipped(frames: Path, out: Path, *extra: str) -> subprocess.Comple
 def test_threshold_r_moves_only_the_refined_rows(frames, tmp_path):
     """--threshold-r re-meshes I+R at another level: HALO and I rows stay as they are, R's hands
     shrink as the level rises (nested level sets: their overlap cannot grow), the table says which
-    level it used, and a cache of one level is not mixed into a run at another."""
+    level it used, and a cache of one level is not mixed into a run at another. --networks
+    evaluates a subset of the shipped networks."""
     cache = tmp_path / "cache"
     low = _evaluate_shipped(frames, tmp_path / "low", "--threshold-r", "0.3", "--cache", str(cache))
     assert low.returncode == 0, low.stderr[-3000:]
@@ -133,6 +134,15 @@ def test_threshold_r_moves_only_the_refined_rows(frames, tmp_path):
     assert mixed.returncode == 2 and "threshold_r" in mixed.stderr, mixed.stderr[-2000:]
     bad = _evaluate_shipped(frames, tmp_path / "bad", "--threshold-r", "1.5")
     assert bad.returncode == 2 and "--threshold-r" in bad.stderr
+    # --networks: the same I and I+R rows without meshing the other networks' rows
+    only = _evaluate_shipped(frames, tmp_path / "only", "--threshold-r", "0.3", "--networks",
+                             "init_occ,ref_occ")  # fmt: skip
+    assert only.returncode == 0, only.stderr[-3000:]
+    rows = json.loads((tmp_path / "only" / "results.json").read_text())["variants"]
+    assert list(rows) == ["I", "I+R", "GT meshes"]
+    assert all(rows[name] == lo["variants"][name] for name in rows)
+    typo = _evaluate_shipped(frames, tmp_path / "typo", "--networks", "init_occ,ref")
+    assert typo.returncode == 2 and "'ref'" in typo.stderr, typo.stderr[-2000:]
 
 
 def test_published_table_is_its_json_and_notes(tmp_path):

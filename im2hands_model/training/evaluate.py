@@ -97,14 +97,20 @@ def load_run(path: str | Path, device: torch.device) -> tuple[str, dict, nn.Modu
     return stage, cfg, model.to(device).eval()
 
 
-def load_shipped(weights_dir: str | Path | None, device: torch.device) -> list:
-    """Every shipped network (:mod:`im2hands_model.pretrained`) as ``(stage, config, model)``."""
+def load_shipped(
+    weights_dir: str | Path | None, device: torch.device, names: list[str] | None = None
+) -> list:
+    """The shipped networks (:mod:`im2hands_model.pretrained`; ``names``: only these) as
+    ``(stage, config, model)``."""
     from im2hands_model.pretrained import MODELS, load_pretrained, manifest
 
     entries = manifest(weights_dir)["models"]
+    unknown = sorted(set(names or []) - set(entries))
+    if unknown:
+        raise ValueError(f"--networks: no shipped network {unknown} (there are {list(entries)})")
     runs = []
     for name in MODELS:
-        if name not in entries:
+        if name not in entries or (names and name not in names):
             continue
         model = load_pretrained(name, "cpu", weights_dir)
         if name in ("halo", "init_occ", "ref_occ"):
@@ -293,7 +299,7 @@ def _load_models(args: argparse.Namespace, device: torch.device):
     """(variants, keypoint sources) from the checkpoints in ``args``."""
     runs = [load_run(p, device) for p in args.checkpoint]
     if args.pretrained is not None:
-        runs = load_shipped(args.pretrained or None, device) + runs
+        runs = load_shipped(args.pretrained or None, device, args.networks) + runs
     noise_stage = predictor = refiner = None
     for stage, _cfg, model in runs:
         if stage == "kpts_ref":
@@ -328,8 +334,9 @@ def _scene_records(
     are always recomputed: no meshing, they are cheap)."""
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    key = (tuple(args.checkpoint), args.pretrained, args.device, args.resolution,
-           args.upsampling_steps, args.seed, args.noise_mm)  # fmt: skip
+    key = (tuple(args.checkpoint), args.pretrained, tuple(args.networks or ()), args.device,
+           args.resolution, args.upsampling_steps, args.seed, args.noise_mm,
+           args.threshold_r)  # fmt: skip
     if _LOADED.get("key") != key:  # once per process, not per chunk of scenes
         _LOADED.update(key=key, models=_load_models(args, device))
     variants, kpts, _ = _LOADED["models"]
@@ -620,6 +627,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "keypoint_scenes": n,
         "checkpoints": [str(p) for p in args.checkpoint],
         "pretrained": None if args.pretrained is None else (args.pretrained or "shipped"),
+        "networks": args.networks,
         "resolution": args.resolution,
         "upsampling_steps": args.upsampling_steps,
         "effective_resolution": args.resolution * 2**args.upsampling_steps,
@@ -737,6 +745,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="evaluate the weights shipped with the package (or those in DIR, written by "
         "training/export_weights.py)",
     )
+    p.add_argument(
+        "--networks",
+        type=lambda t: t.split(","),
+        default=None,
+        metavar="N1,N2",
+        help="with --pretrained: only these shipped networks, e.g. init_occ,ref_occ for the I "
+        "and I+R rows alone (default: all)",
+    )
     p.add_argument("--data", required=True, help="held-out dataset folder (im2hands-data synth)")
     p.add_argument("--out", default="results", help="output folder (default: results)")
     p.add_argument("--scenes", type=int, default=None, help="first N scenes (default: all)")
@@ -813,6 +829,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.checkpoint and args.pretrained is None:
         p.error("give --pretrained or at least one --checkpoint")
+    if args.networks and args.pretrained is None:
+        p.error("--networks selects among the --pretrained networks: give --pretrained")
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
     if args.scenes is not None and args.scenes <= 0:

@@ -144,26 +144,14 @@ ref_occ_pen() {
 ref_threshold() {
   # experiment (not shipped): the shipped I and R meshed at I+R levels 0.45-0.6 on the validation
   # scenes, then the paper's level, the best-IoU one and 0.6 on the first 60 test scenes
-  # (docs/results_notes.md, "Targets"). Only I and R are evaluated: a copy of the shipped
-  # weights whose manifest lists just those two.
-  python - <<'PY'
-import json, shutil
-from pathlib import Path
-src, dst = Path("im2hands_model/weights"), Path("out/weights_ir")
-dst.mkdir(parents=True, exist_ok=True)
-man = json.loads((src / "manifest.json").read_text())
-man["models"] = {k: v for k, v in man["models"].items() if k in ("init_occ", "ref_occ")}
-for entry in man["models"].values():
-    shutil.copy(src / entry["file"], dst / entry["file"])
-(dst / "manifest.json").write_text(json.dumps(man, indent=1))
-PY
+  # (docs/results_notes.md, "Targets"). Only I and R are evaluated (--networks).
   local t
   for t in 0.45 0.5 0.55 0.6; do
-    python training/evaluate.py --pretrained out/weights_ir --data $VAL --upsampling-steps 2 \
-      --jobs 2 --pictures 0 --quiet --threshold-r $t --out out/thr_sweep/val_$t
+    python training/evaluate.py --pretrained --networks init_occ,ref_occ --data $VAL \
+      --upsampling-steps 2 --jobs 2 --pictures 0 --quiet --threshold-r $t --out out/thr_sweep/val_$t
   done
   for t in 0.45 0.5 0.6; do
-    python training/evaluate.py --pretrained out/weights_ir --data $TEST --scenes 60 \
+    python training/evaluate.py --pretrained --networks init_occ,ref_occ --data $TEST --scenes 60 \
       --upsampling-steps 2 --jobs 2 --pictures 0 --quiet --threshold-r $t \
       --out out/thr_sweep/test60_$t
   done
