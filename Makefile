@@ -32,7 +32,7 @@ TEST_ROS_DOMAIN_ID ?=
 
 # A removed or broken .venv invalidates every step that installed into it.
 ifeq ($(wildcard $(VPY)),)
-$(shell rm -f $(STAMPS)/venv $(STAMPS)/torch $(STAMPS)/deps)
+$(shell rm -f $(STAMPS)/venv $(STAMPS)/torch $(STAMPS)/deps $(STAMPS)/models)
 endif
 
 .PHONY: help setup demo demo-data test lint clean distclean
@@ -41,11 +41,11 @@ help:
 	@echo "make demo       set up, then run the ROS 2 node on synthetic camera frames (out/demo_report.json)"
 	@echo "make demo-data  set up, then generate $(DEMO_N) synthetic scenes in $(DEMO_OUT) and reconstruct them"
 	@echo "make test       set up, then run the full test suite (CI runs this)"
-	@echo "make setup      system EGL/Mesa packages, $(VENV) with torch==$(TORCH_VERSION), pip install -e '.[dev]'"
+	@echo "make setup      system EGL/Mesa packages, $(VENV) with torch==$(TORCH_VERSION), pip install -e '.[dev]', MediaPipe hand models"
 	@echo "make lint       ruff check"
 	@echo "make clean      remove outputs and caches (keeps $(VENV)); make distclean also removes $(VENV)"
 
-setup: $(STAMPS)/system $(STAMPS)/deps
+setup: $(STAMPS)/system $(STAMPS)/deps $(STAMPS)/models
 
 $(STAMPS):
 	@mkdir -p $@
@@ -110,6 +110,13 @@ $(STAMPS)/deps: $(STAMPS)/torch setup.py setup.cfg pyproject.toml
 	@$(VPY) -c "import torch; v = torch.__version__; \
 	  assert v.split('+')[0] == '$(TORCH_VERSION)', f'torch {v} installed, expected $(TORCH_VERSION)'; \
 	  print('torch', v)"
+	@touch $@
+
+# --- 5. MediaPipe's hand models (Apache-2.0), the default keypoint source --------------------
+# Taken out of the mediapipe==0.10.21 wheel (downloaded from PyPI, never installed: it pins
+# protobuf<5) and checked against their SHA-256 sums; nothing is downloaded at run time.
+$(STAMPS)/models: $(STAMPS)/deps
+	$(VENV)/bin/im2hands fetch-models
 	@touch $@
 
 # --- the two README commands ------------------------------------------------------------------

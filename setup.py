@@ -82,10 +82,13 @@ setup(
         "safetensors",
         "pyyaml",
         "tensorboard",
+        # the default keypoint source: MediaPipe's hand models run by LiteRT (the TFLite runtime,
+        # numpy 2, no protobuf pin), images warped and camera encodings decoded by OpenCV
+        "ai-edge-litert",
+        "opencv-python-headless",
     ],
     extras_require={
         "ros": ROS_DISTRO_WHEELS,
-        "mediapipe": ["mediapipe==0.10.14"],
         # ONNX export (`onnx`, needed by torch's exporter) and the onnxruntime backend; `gpu`
         # swaps in the CUDA build (install it into an environment without `onnxruntime`: the two
         # wheels ship the same module)

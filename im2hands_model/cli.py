@@ -1,9 +1,15 @@
 """The ``im2hands`` command: ``reconstruct`` an image, ``bench`` the pipeline, ``export-onnx``.
 
-    im2hands reconstruct IMAGE [--camera-info FILE.yaml | --fx F --fy F --cx C --cy C] -o OUT
+    im2hands reconstruct IMAGE [--camera-info FILE.yaml | --fx F --fy F --cx C --cy C]
+                         [--depth DEPTH.png|.npy] -o OUT
     im2hands bench [--frames N] [--device cpu|cuda] [--json FILE]
+    im2hands bench-keypoints [--frames N] [--seed S] [--json FILE]
     im2hands demo -o OUT
     im2hands export-onnx OUT_DIR
+    im2hands fetch-models
+
+The default keypoint source is ``mediapipe`` (MediaPipe's hand models, installed by
+``im2hands fetch-models``, which ``make setup`` runs).
 
 ``reconstruct`` writes ``left.ply`` / ``right.ply`` (the hands it found), ``keypoints.json``,
 ``contacts.json`` and ``overlay.png`` into OUT; it exits with status 1 and says so when no hand is
@@ -103,9 +109,13 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
             keypoints = {
                 k: (v["joints"] if isinstance(v, dict) else v) for k, v in keypoints.items()
             }
+        depth = _read_depth(args.depth) if args.depth else None
         model = _model(args, **_config(args))
-        result = model(image, K, keypoints=keypoints)
+        result = model(image, K, keypoints=keypoints, depth=depth)
     except (InputError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:  # the MediaPipe model files (ModelFileError)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
@@ -134,6 +144,55 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     print(f"{found}; contact area {c.contact_area_cm2:.2f} cm2, penetration "
           f"{c.penetration_volume_cm3:.3f} cm3; {result.timings_ms['total']:.0f} ms")  # fmt: skip
     print(f"wrote {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())))
+    return 0
+
+
+def _read_depth(path: str) -> np.ndarray:
+    """A depth image: ``.npy`` (float metres or uint16 millimetres) or a 16-bit PNG (mm)."""
+    from PIL import Image
+
+    if path.endswith(".npy"):
+        return np.load(path, allow_pickle=False)
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im)
+    except OSError as exc:
+        raise ValueError(f"cannot read depth image {path}: {exc}") from exc
+    if arr.dtype != np.uint16:
+        arr = arr.astype(np.uint16) if arr.dtype == np.int32 else arr
+    if arr.dtype != np.uint16:
+        raise ValueError(f"depth image {path} must be 16-bit millimetres, got {arr.dtype}")
+    return arr
+
+
+def cmd_fetch_models(args: argparse.Namespace) -> int:
+    from im2hands_model.hand_tracking.models import MODEL_FILES, fetch_models
+
+    try:
+        folder = fetch_models(Path(args.dir) if args.dir else None,
+                              Path(args.wheel) if args.wheel else None)  # fmt: skip
+    except (RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"MediaPipe hand models (Apache-2.0) in {folder}: " + ", ".join(MODEL_FILES))
+    return 0
+
+
+def cmd_bench_keypoints(args: argparse.Namespace) -> int:
+    from im2hands_model.hand_tracking.bench import (
+        format_table,
+        load_frames,
+        run_keypoint_bench,
+        write_json,
+    )
+
+    frames = load_frames(args.frames, args.seed, Path(args.cache) if args.cache else None)
+    report = run_keypoint_bench(frames, learned=not args.no_learned)
+    report["seed"] = args.seed
+    print(format_table(report))
+    if args.json:
+        write_json(report, Path(args.json))
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -173,7 +232,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Rendered camera frames through the pipeline: meshes, keypoints, contacts and overlays,
-    once with the ground-truth keypoints and once finding the hands with the learned predictor."""
+    once with the ground-truth keypoints and once finding the hands with the keypoint source
+    (default MediaPipe), whose keypoint error against the ground truth is printed beside IoU."""
     from PIL import Image
 
     from im2hands_model.pipeline.bench import frame_iou, synthetic_frames
@@ -187,7 +247,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rows = []
     for i, frame in enumerate(frames):
         tiles = [frame.image]
-        for source, kp in (("gt_keypoints", frame.keypoints), ("learned_keypoints", None)):
+        detected = f"{args.keypoint_source}_keypoints"
+        for source, kp in (("gt_keypoints", frame.keypoints), (detected, None)):
             result = model(frame.image, frame.K, keypoints=kp)
             folder = out / f"frame{i}_{source}"
             folder.mkdir(exist_ok=True)
@@ -200,13 +261,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
             Image.fromarray(pic).save(folder / "overlay.png")
             tiles.append(pic)
             iou = frame_iou(result, frame, 20_000, i)
-            print(f"frame {i} ({frame.layout}), {source.replace('_', ' ')}: IoU {iou:.1f} %, "
+            error = "" if kp is not None else f", keypoints {_keypoint_error(result, frame)}"
+            print(f"frame {i} ({frame.layout}), {source.replace('_', ' ')}: IoU {iou:.1f} %"
+                  f"{error}, "
                   f"{result.timings_ms['total']:.0f} ms, contact area "
                   f"{result.contacts.contact_area_cm2:.2f} cm2 -> {folder}")  # fmt: skip
         rows.append(np.concatenate(tiles, axis=1))
     Image.fromarray(np.concatenate(rows, axis=0)).save(out / "overview.png")
-    print(f"overview (input | GT keypoints | learned keypoints): {out / 'overview.png'}")
+    print(f"overview (input | GT keypoints | {args.keypoint_source} keypoints): "
+          f"{out / 'overview.png'}")
     return 0
+
+
+def _keypoint_error(result: Any, frame: Any) -> str:
+    """Keypoint error of a result against a rendered frame's ground truth, per side."""
+    parts = []
+    for h, hand in enumerate(result.hands):
+        if not frame.present[h]:
+            continue
+        if hand is None:
+            parts.append(f"{('left', 'right')[h]} missed")
+            continue
+        pred, gt = np.asarray(hand.keypoints, np.float64), frame.joints[h]
+        aligned = 1e3 * np.linalg.norm((pred - pred[9]) - (gt - gt[9]), axis=-1).mean()
+        root = 1e3 * np.linalg.norm(pred[9] - gt[9])
+        parts.append(f"{hand.side} {aligned:.0f} mm aligned / {root:.0f} mm root")
+    return ", ".join(parts) or "none expected"
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
@@ -222,8 +302,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, help="weights folder (default: shipped weights)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"))
-    p.add_argument("--keypoint-source", default="learned",
-                   choices=("learned", "mediapipe", "given"))  # fmt: skip
+    p.add_argument("--keypoint-source", default="mediapipe",
+                   choices=("mediapipe", "learned", "given"),
+                   help="mediapipe (default: MediaPipe's hand models + two-hand search), "
+                   "learned (the shipped predictor) or given (--keypoints)")  # fmt: skip
     p.add_argument("--no-k", action="store_true", help="skip keypoint refinement K")
     p.add_argument("--no-r", action="store_true", help="skip two-hand refinement R")
     p.add_argument("--halo", action="store_true", help="keypoint-only I (HALO), no image")
@@ -248,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--keypoints", default=None, help="JSON {left: [21x3], right: [21x3]}, metres, camera frame"
     )
+    p.add_argument("--depth", default=None,
+                   help="depth image registered to IMAGE: 16-bit PNG (mm) or .npy (m or mm)")
     _common(p)
     p.set_defaults(func=cmd_reconstruct)
 
@@ -268,6 +352,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=2)
     _common(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench-keypoints", help="keypoint sources on rendered frames")
+    p.add_argument("--frames", type=int, default=100)
+    p.add_argument("--seed", type=int, default=300, help="scene seed (300: the test scenes)")
+    p.add_argument("--cache", default=None, help="keep the rendered frames in this .npz")
+    p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--no-learned", action="store_true", help="skip the learned predictor")
+    p.set_defaults(func=cmd_bench_keypoints)
+
+    p = sub.add_parser("fetch-models", help="install MediaPipe's hand models (from PyPI)")
+    p.add_argument("--dir", default=None, help="target folder (default: in this environment)")
+    p.add_argument("--wheel", default=None, help="a downloaded mediapipe 0.10.21 wheel")
+    p.set_defaults(func=cmd_fetch_models)
 
     p = sub.add_parser("export-onnx", help="export the networks to ONNX")
     p.add_argument("out_dir")

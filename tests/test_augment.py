@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from im2hands_model.data.shards import ShardDataset
-from im2hands_model.pipeline.mediapipe_source import chirality
+from im2hands_model.hands import skeleton_chirality as chirality
 from im2hands_model.training.augment import mirror_rotate
 from im2hands_model.training.config import ConfigError, load_config
 

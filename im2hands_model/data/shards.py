@@ -34,6 +34,7 @@ scene_index        [] int64             scene number in the dataset (its random 
 image_full         [3, 480, 640]        the full camera frame (only if generated with it)
 K_full             [3, 3]               its intrinsics (only with the full frame)
 joints_2d_full     [2, 21, 2]           keypoints in the full frame (only with it)
+depth_full         [480, 640] float32   its metric depth (camera z, metres; 0 = background)
 =================  ===================  =========================================================
 
 Datasets converted from InterHand2.6M (``im2hands-data interhand``, :mod:`.interhand`) have the

@@ -395,7 +395,8 @@ class SceneGenerator:
                 lights=lights,
                 ambient=ambient,
             )
-            out.update(image_full=full.rgb, K_full=K_full.astype(np.float32))
+            out.update(image_full=full.rgb, K_full=K_full.astype(np.float32),
+                       depth_full=np.ascontiguousarray(full.depth, dtype=np.float32))  # fmt: skip
         return out
 
     @staticmethod

@@ -51,6 +51,7 @@ class BenchFrame:
     vertices: np.ndarray  # [2, V, 3]
     faces: np.ndarray  # [2, F, 3]
     layout: str
+    depth: np.ndarray | None = None  # float32 [H, W], camera z in metres, 0 = background
 
     @property
     def keypoints(self) -> np.ndarray:
@@ -80,6 +81,7 @@ def synthetic_frames(n: int, seed: int = BENCH_SEED, progress: bool = False) -> 
                 vertices=np.asarray(a["vertices"], dtype=np.float64),
                 faces=gen.faces,
                 layout=LAYOUTS[int(a["layout"])],
+                depth=np.asarray(a["depth_full"], dtype=np.float32),
             )
         )
     gen.renderer.release()

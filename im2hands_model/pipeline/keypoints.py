@@ -1,11 +1,11 @@
 """Keypoint sources: where the two hands' 3D keypoints of a frame come from (SPEC §3.5).
 
+* ``MediaPipeHands`` / ``HandTracker`` (:mod:`im2hands_model.hand_tracking`) -- the default:
+  MediaPipe's real-photo-trained hand models with our two-hand search, placement and tracking.
 * :class:`LearnedKeypoints` -- the project's keypoint predictor. It needs no ground truth: a first
   pass looks at the whole frame (letterboxed into the square input), the second at a
   training-style crop around the first pass's 2D keypoints.
 * :func:`given_keypoints` -- keypoints passed in by the caller (another detector, a topic, GT).
-* ``MediaPipeKeypoints`` (:mod:`im2hands_model.pipeline.mediapipe_source`) -- MediaPipe Hands,
-  an optional extra.
 
 Every source returns :class:`~im2hands_model.pipeline.result.Keypoints` in the camera frame of the
 full image, hands 0 = left, 1 = right.

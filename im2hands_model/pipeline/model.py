@@ -2,7 +2,7 @@
 
 ``Im2Hands.__call__`` follows the paper's overview figure, top to bottom::
 
-    keypoints  = source(frame)                    # predictor (or MediaPipe, or the caller's)
+    keypoints  = source(frame)                    # MediaPipe (or the predictor, or the caller's)
     keypoints  = K(keypoints, crop)               # two-hand keypoint refinement   (optional)
     I          = InitialField(crop, keypoints)    # per-hand implicit occupancy
     meshes     = MISE + marching cubes of I       # 0.5 level
@@ -59,7 +59,7 @@ from im2hands_model.pipeline.result import (
 
 __all__ = ["Im2Hands", "PipelineConfig"]
 
-KEYPOINT_SOURCES = ("learned", "mediapipe", "given")
+KEYPOINT_SOURCES = ("mediapipe", "learned", "given")
 BACKENDS = ("torch", "onnxruntime")
 
 #: Points farther than this from every bone of a hand are empty for it (not run through I).
@@ -71,10 +71,15 @@ class PipelineConfig:
     """Switches and sizes of the pipeline (all have defaults; see README "Pipeline").
 
     Attributes:
-        keypoint_source: ``learned`` (default), ``mediapipe`` (extra) or ``given`` (the caller
-            passes ``keypoints=`` to every call).
-        refine_keypoints: run K (``None``: on for detected keypoints, off for the caller's,
-            which are taken as they are; K was trained to correct a detector's errors).
+        keypoint_source: ``mediapipe`` (default: MediaPipe's hand models with our two-hand
+            search and placement, :mod:`im2hands_model.hand_tracking`), ``learned`` (the
+            shipped predictor) or ``given`` (the caller passes ``keypoints=`` to every call).
+        refine_keypoints: run K (``None``: on for the learned predictor's keypoints, whose
+            errors K was trained on; off for MediaPipe's and the caller's, taken as they are).
+        track_hands: calls are frames of one video in order (MediaPipe source): hands are
+            tracked from frame to frame and the palm detector runs only while one is missing.
+        smooth_keypoints: One-Euro smoothing of tracked keypoints (with ``track_hands``).
+        detector_variant: MediaPipe models, ``full`` or ``lite``.
         use_image: I with query-image attention (False: keypoint-only HALO).
         refine_occupancy: run R.
         resolution: effective final grid cells per axis (``None``: 128 on CPU, 256 on GPU).
@@ -92,8 +97,11 @@ class PipelineConfig:
         seed: anchor sampling seed (fixed: same frame, same meshes).
     """
 
-    keypoint_source: str = "learned"
+    keypoint_source: str = "mediapipe"
     refine_keypoints: bool | None = None
+    track_hands: bool = False
+    smooth_keypoints: bool = True
+    detector_variant: str = "full"
     use_image: bool = True
     refine_occupancy: bool = True
     resolution: int | None = None
@@ -111,6 +119,8 @@ class PipelineConfig:
     seed: int = 0
 
     def check(self) -> None:
+        if self.detector_variant not in ("full", "lite"):
+            raise ValueError("detector_variant must be 'full' or 'lite'")
         if self.keypoint_source not in KEYPOINT_SOURCES:
             raise ValueError(f"keypoint_source must be one of {KEYPOINT_SOURCES}")
         if self.resolution is not None:
@@ -228,7 +238,10 @@ class Im2Hands:
     def configured(self, **changes: Any) -> Im2Hands:
         """The same networks with some :class:`PipelineConfig` fields changed."""
         model = Im2Hands(self.nets, replace(self.config, **changes), self.device, self.backend)
-        model._mediapipe = self._mediapipe
+        detector_keys = {"keypoint_source", "track_hands", "smooth_keypoints", "detector_variant",
+                         "presence_threshold"}  # fmt: skip
+        if not detector_keys & set(changes):
+            model._mediapipe = self._mediapipe
         return model
 
     # ------------------------------------------------------------------ the pipeline
@@ -239,7 +252,8 @@ class Im2Hands:
         return 256 if self.device.type == "cuda" else 128
 
     @torch.inference_mode()
-    def __call__(self, image: Any, K: Any, keypoints: Any = None) -> Reconstruction:
+    def __call__(self, image: Any, K: Any, keypoints: Any = None, depth: Any = None,
+                 stamp: float | None = None) -> Reconstruction:  # fmt: skip
         """Reconstruct both hands of one frame.
 
         Args:
@@ -248,6 +262,11 @@ class Im2Hands:
             keypoints: the caller's keypoints (``[2, 21, 3]`` camera frame, metres, NaN rows for
                 an absent hand; or ``{"left": ..., "right": ...}``); required for the ``given``
                 source and used instead of any other source when passed.
+            depth: optional depth image registered to ``image`` (``uint16`` millimetres or
+                float metres, 0/NaN = no measurement); the MediaPipe source then places each
+                hand from it (a depth image that does not fit is ignored with a warning, see
+                :attr:`keypoint_report`).
+            stamp: the frame's time in seconds (tracking and smoothing; default 30 Hz).
 
         Returns:
             :class:`~im2hands_model.pipeline.result.Reconstruction` (``.empty`` with a
@@ -262,12 +281,13 @@ class Im2Hands:
         frame = Frame.from_input(image, K, cfg.max_pixels)
 
         t0 = timer.now()
-        found = self._keypoints(frame, keypoints)
+        found = self._keypoints(frame, keypoints, depth, stamp)
         timer.add("keypoints", timer.now() - t0)
         if not found.any:
             return self._empty(timer, t_start, "no hand found")
 
-        if cfg.refine_keypoints or (cfg.refine_keypoints is None and keypoints is None):
+        learned = keypoints is None and cfg.keypoint_source == "learned"
+        if cfg.refine_keypoints or (cfg.refine_keypoints is None and learned):
             t0 = timer.now()
             found = self._refine_keypoints(frame, found)
             timer.add("K", timer.now() - t0)
@@ -356,18 +376,40 @@ class Im2Hands:
         return meshes, None, queries
 
     # ------------------------------------------------------------------ stages
-    def _keypoints(self, frame: Frame, keypoints: Any) -> Keypoints:
+    @property
+    def keypoint_report(self) -> Any:
+        """What the MediaPipe source did on the last frame
+        (:class:`~im2hands_model.hand_tracking.source.FrameReport`), ``None`` before."""
+        return None if self._mediapipe is None else self._mediapipe.last
+
+    def reset_tracking(self) -> None:
+        """Forget the tracked hands (the next frame starts a new video)."""
+        if self._mediapipe is not None and hasattr(self._mediapipe, "reset"):
+            self._mediapipe.reset()
+
+    def _keypoints(self, frame: Frame, keypoints: Any, depth: Any, stamp: float | None
+                   ) -> Keypoints:  # fmt: skip
         if keypoints is not None:
             return given_keypoints(keypoints, frame)
         source = self.config.keypoint_source
         if source == "given":
             raise ValueError("keypoint_source='given' needs keypoints=... in every call")
         if source == "mediapipe":
+            cfg = self.config
             if self._mediapipe is None:
-                from im2hands_model.pipeline.mediapipe_source import MediaPipeKeypoints
+                from im2hands_model.hand_tracking.source import (
+                    DetectorConfig,
+                    HandTracker,
+                    MediaPipeHands,
+                )
 
-                self._mediapipe = MediaPipeKeypoints()
-            return self._mediapipe(frame.rgb, frame.K)
+                settings = DetectorConfig(variant=cfg.detector_variant,
+                                          presence_threshold=cfg.presence_threshold,
+                                          smoothing=cfg.smooth_keypoints)  # fmt: skip
+                self._mediapipe = (HandTracker if cfg.track_hands else MediaPipeHands)(settings)
+            if cfg.track_hands:
+                return self._mediapipe(frame.rgb, frame.K, depth, stamp)
+            return self._mediapipe(frame.rgb, frame.K, depth)
         learned = LearnedKeypoints(self.nets["kpts_pred"], 2, self.config.presence_threshold)
         return learned(frame)
 

@@ -1,0 +1,225 @@
+"""``im2hands bench-keypoints``: how well and how fast each keypoint source finds both hands.
+
+On rendered full camera frames with ground truth (:func:`im2hands_model.pipeline.bench.
+synthetic_frames`), each source -- the default MediaPipe source with the two-hand search, one
+plain MediaPipe pass (palms, IoU-0.5 de-duplication, landmarks: stock MediaPipe's logic on the
+same models) and the shipped learned predictor -- is scored on:
+
+* ``hands_found_pct``: GT hands matched by a found hand (2D landmarks within half the hand's
+  size of the GT projection);
+* ``both_found_pct``: two-hand frames with both hands found;
+* ``handedness_pct``: matched hands given the right side;
+* ``mpjpe_aligned_mm``: MPJPE after aligning each matched hand at joint 9 (the paper's protocol);
+* ``root_error_mm`` / ``root_error_depth_mm``: median wrist error in the camera frame, without
+  and with the rendered depth image;
+* ``ms_per_frame_detect`` / ``ms_per_frame_tracked``: median time per frame on one thread, with
+  the full search and in tracking mode (video frames: the same frame repeated, so every hand is
+  tracked from the previous call).
+
+Errors are computed on matched hands only (a missed hand counts in ``hands_found_pct``), against
+the GT hand it matched, whichever side it was given, so placement and handedness are scored
+apart.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["SourceScores", "format_table", "load_frames", "run_keypoint_bench"]
+
+KEYS = ("hands_found_pct", "both_found_pct", "handedness_pct", "mpjpe_aligned_mm",
+        "root_error_mm", "root_error_depth_mm", "ms_per_frame_detect",
+        "ms_per_frame_tracked")  # fmt: skip
+
+
+@dataclass
+class SourceScores:
+    """Accumulated per-hand errors of one source."""
+
+    name: str
+    gt_hands: int = 0
+    found: int = 0
+    two_hand_frames: int = 0
+    both_found: int = 0
+    right_side: int = 0
+    aligned_mm: list[float] = field(default_factory=list)
+    root_mm: list[float] = field(default_factory=list)
+    root_depth_mm: list[float] = field(default_factory=list)
+    ms_detect: list[float] = field(default_factory=list)
+    ms_tracked: list[float] = field(default_factory=list)
+    by_layout: dict[str, list[int]] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        def pct(a: int, b: int) -> float | None:
+            return round(100.0 * a / b, 1) if b else None
+
+        def med(values: list[float]) -> float | None:
+            return round(float(np.median(values)), 1) if values else None
+
+        def mean(values: list[float]) -> float | None:
+            return round(float(np.mean(values)), 1) if values else None
+
+        return {
+            "hands_found_pct": pct(self.found, self.gt_hands),
+            "both_found_pct": pct(self.both_found, self.two_hand_frames),
+            "handedness_pct": pct(self.right_side, self.found),
+            "mpjpe_aligned_mm": mean(self.aligned_mm),
+            "root_error_mm": med(self.root_mm),
+            "root_error_depth_mm": med(self.root_depth_mm),
+            "ms_per_frame_detect": med(self.ms_detect),
+            "ms_per_frame_tracked": med(self.ms_tracked),
+            "hands": self.gt_hands,
+            "found_pct_by_layout": {k: pct(v[0], v[1]) for k, v in sorted(self.by_layout.items())},
+        }
+
+
+def load_frames(n: int, seed: int, cache: Path | None = None) -> list[Any]:
+    """``n`` rendered frames of ``seed`` (read from / written to ``cache``, an ``.npz``)."""
+    from im2hands_model.pipeline.bench import BenchFrame, synthetic_frames
+
+    if cache is not None and cache.is_file():
+        data = np.load(cache, allow_pickle=False)
+        if int(data["n"]) >= n and int(data["seed"]) == seed:
+            return [
+                BenchFrame(data["image"][i], data["K"][i], data["joints"][i], data["present"][i],
+                           data["vertices"][i], data["faces"], str(data["layout"][i]),
+                           data["depth"][i])  # fmt: skip
+                for i in range(n)
+            ]
+    frames = synthetic_frames(n, seed=seed, progress=True)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(
+            cache, n=n, seed=seed, image=np.stack([f.image for f in frames]),
+            K=np.stack([f.K for f in frames]), joints=np.stack([f.joints for f in frames]),
+            present=np.stack([f.present for f in frames]),
+            vertices=np.stack([f.vertices for f in frames]), faces=frames[0].faces,
+            layout=np.array([f.layout for f in frames]), depth=np.stack([f.depth for f in frames]),
+        )  # fmt: skip
+    return frames
+
+
+def _match(uv: np.ndarray, present: np.ndarray, gt_uv: np.ndarray, gt_present: np.ndarray
+           ) -> dict[int, int]:  # fmt: skip
+    """Found side -> GT side, by mean 2D joint distance under half the GT hand's 2D size."""
+    pairs = []
+    for s in np.flatnonzero(present):
+        for g in np.flatnonzero(gt_present):
+            size = float(np.linalg.norm(gt_uv[g].max(0) - gt_uv[g].min(0)))
+            d = float(np.linalg.norm(uv[s] - gt_uv[g], axis=-1).mean())
+            if d < 0.5 * size:
+                pairs.append((d, int(s), int(g)))
+    out: dict[int, int] = {}
+    for _, s, g in sorted(pairs):
+        if s not in out and g not in out.values():
+            out[s] = g
+    return out
+
+
+def _score(scores: SourceScores, frame: Any, kp: Any, kp_depth: Any | None) -> None:
+    from im2hands_model.hand_tracking.placement import project
+
+    gt_uv = np.stack([project(frame.joints[h], frame.K) for h in range(2)])
+    n_gt = int(frame.present.sum())
+    scores.gt_hands += n_gt
+    uv = kp.joints_2d if kp.joints_2d is not None else np.stack(
+        [project(np.maximum(kp.joints[h], 1e-3), frame.K) for h in range(2)])  # fmt: skip
+    match = _match(uv, kp.present, gt_uv, frame.present)
+    scores.found += len(match)
+    layout = scores.by_layout.setdefault(frame.layout, [0, 0])
+    layout[0] += len(match)
+    layout[1] += n_gt
+    if n_gt == 2:
+        scores.two_hand_frames += 1
+        scores.both_found += int(len(match) == 2)
+    for s, g in match.items():
+        scores.right_side += int(s == g)
+        pred, gt = kp.joints[s].astype(np.float64), frame.joints[g]
+        aligned = (pred - pred[9]) - (gt - gt[9])
+        scores.aligned_mm.append(1e3 * float(np.linalg.norm(aligned, axis=-1).mean()))
+        scores.root_mm.append(1e3 * float(np.linalg.norm(pred[0] - gt[0])))
+        if kp_depth is not None and kp_depth.present[s]:
+            scores.root_depth_mm.append(1e3 * float(np.linalg.norm(kp_depth.joints[s][0] - gt[0])))
+
+
+def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, 1e3 * (time.perf_counter() - t0)
+
+
+def run_keypoint_bench(frames: list[Any], learned: bool = True, progress: bool = True
+                       ) -> dict[str, Any]:  # fmt: skip
+    """Scores of the MediaPipe source, one plain MediaPipe pass and the learned predictor."""
+    import torch
+    from tqdm import tqdm
+
+    from im2hands_model.hand_tracking.source import DetectorConfig, HandTracker, MediaPipeHands
+
+    torch.set_num_threads(1)
+    ours = MediaPipeHands(DetectorConfig(search=True))
+    plain = MediaPipeHands(DetectorConfig(search=False, size_prior=0.0))
+    tracker = HandTracker(DetectorConfig(search=True, smoothing=False))
+    results = {"mediapipe": SourceScores("mediapipe"), "plain": SourceScores("plain")}
+    learned_source = pipeline = None
+    if learned:
+        from im2hands_model.pipeline import Im2Hands
+        from im2hands_model.pipeline.frame import Frame
+        from im2hands_model.pipeline.keypoints import LearnedKeypoints
+
+        pipeline = Im2Hands.from_pretrained(device="cpu")
+        learned_source = LearnedKeypoints(pipeline.nets["kpts_pred"], 2)
+        results["mediapipe+K"] = SourceScores("mediapipe+K")
+        results["learned"] = SourceScores("learned")
+    for frame in tqdm(frames, desc="keypoint sources", unit="frame", disable=not progress):
+        kp_ours, ms = _timed(ours, frame.image, frame.K)
+        kp_d = ours(frame.image, frame.K, frame.depth)
+        results["mediapipe"].ms_detect.append(ms)
+        _score(results["mediapipe"], frame, kp_ours, kp_d)
+        tracker.reset()
+        tracker(frame.image, frame.K)
+        _, ms = _timed(tracker, frame.image, frame.K)
+        if len(tracker.tracks) == int(frame.present.sum()):
+            results["mediapipe"].ms_tracked.append(ms)
+        kp, ms = _timed(plain, frame.image, frame.K)
+        results["plain"].ms_detect.append(ms)
+        _score(results["plain"], frame, kp, plain(frame.image, frame.K, frame.depth))
+        if learned_source is not None and pipeline is not None:
+            image = Frame.from_input(frame.image, frame.K)
+            if kp_ours.any:
+                refined, ms = _timed(pipeline._refine_keypoints, image, kp_ours)
+                refined.joints_2d = kp_ours.joints_2d  # same hands: match them as found
+                results["mediapipe+K"].ms_detect.append(ms)
+            else:
+                refined = kp_ours
+            _score(results["mediapipe+K"], frame, refined, None)
+            kp, ms = _timed(learned_source, image)
+            results["learned"].ms_detect.append(ms)
+            _score(results["learned"], frame, kp, None)
+    summary = {name: s.summary() for name, s in results.items()}
+    head = summary.pop("mediapipe")
+    layouts = sorted({f.layout for f in frames})
+    return {**head, "baselines": summary, "frames": len(frames), "layouts": layouts}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    rows = [("mediapipe (default)", report)] + [
+        (name, values) for name, values in report["baselines"].items()
+    ]
+    head = "| source | " + " | ".join(KEYS) + " |"
+    lines = [head, "|" + "---|" * (len(KEYS) + 1)]
+    for name, values in rows:
+        cells = ["–" if values.get(k) is None else f"{values[k]:g}" for k in KEYS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
