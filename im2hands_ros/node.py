@@ -27,11 +27,17 @@ bone markers), ``hands/contacts`` (contact markers, penetration coloured by dept
 Frames are processed off the executor thread, newest first (:mod:`~im2hands_ros.worker`; with
 ``im2hands-node`` on the main thread while the executor spins on another); bad
 messages are dropped with a (throttled) warning and counted in ``/diagnostics``.
+
+Ctrl-C (SIGINT) or SIGTERM stops ``im2hands-node`` cleanly (exit code 0): no new frames, the frame
+in progress finishes and is published, then the executor, the node and rclpy shut down in that
+order; a second signal, or :data:`STOP_GRACE_S` seconds, abandons the frame in progress.
 """
 
 from __future__ import annotations
 
+import _thread
 import gc
+import signal
 import sys
 import threading
 import time
@@ -44,9 +50,12 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseArray
 from rclpy.event_handler import QoSRequestedIncompatibleQoSInfo, SubscriptionEventCallbacks
+from rclpy.exceptions import InvalidHandle
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Header
 from visualization_msgs.msg import MarkerArray
@@ -65,6 +74,12 @@ KEYPOINT_BUFFER = 30
 NO_DATA_WARNING_S = 5.0
 #: Frames between returns of freed heap memory to the system (glibc ``malloc_trim``).
 TRIM_EVERY = 5
+#: Seconds ``im2hands-node`` lets the frame in progress finish after SIGINT/SIGTERM before
+#: abandoning it (``ros2 launch`` sends SIGTERM 5 s after SIGINT, SIGKILL 5 s later).
+STOP_GRACE_S = 5.0
+#: What publishing raises once rclpy's context is shut down ("publisher's context is invalid")
+#: or the publisher destroyed with it.
+_PUBLISH_AFTER_SHUTDOWN = (_rclpy.RCLError, InvalidHandle)
 
 
 def _malloc_trim() -> Any:
@@ -361,6 +376,8 @@ class Im2HandsNode(LifecycleNode):
 
     def _on_error(self, job: Job, exc: BaseException) -> None:
         self.stats.dropped("error")
+        if not self.context.ok():  # shutting down: the logger's rosout publisher is gone too
+            return
         tb = "".join(traceback.format_exception(exc))
         self.get_logger().error(f"frame failed: {tb}", throttle_duration_sec=5.0)
 
@@ -410,7 +427,14 @@ class Im2HandsNode(LifecycleNode):
         if result.empty:
             self.stats.count("no_hand")
         header = Header(stamp=msg.header.stamp, frame_id=s.output_frame or msg.header.frame_id)
-        latency_ms = self._publish(result, header, rgb, K, job.stamp)
+        if not self.context.ok():  # shut down while reconstructing: nowhere to publish
+            return
+        try:
+            latency_ms = self._publish(result, header, rgb, K, job.stamp)
+        except _PUBLISH_AFTER_SHUTDOWN:
+            if self.context.ok():
+                raise
+            return  # the context went down during publishing (Ctrl-C with rclpy's handlers)
         self.stats.published(latency_ms, float(result.timings_ms.get("total", float("nan"))))
         if self._trim is not None and self.stats.frames_out % TRIM_EVERY == 0:
             self._trim(0)
@@ -495,11 +519,61 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+class _GracefulStop:
+    """SIGINT/SIGTERM handling of :func:`main` (Python handlers instead of rclpy's).
+
+    rclpy's handlers shut the context down at once, from another thread, while the main thread
+    may be publishing a frame (a ``publisher's context is invalid`` traceback), and then raise
+    ``KeyboardInterrupt`` wherever the main thread happens to be. Here the first signal only
+    stops the worker (no new frames; the one in progress finishes and is published) and
+    :func:`main` then shuts everything down in order. A second signal, or :data:`STOP_GRACE_S`
+    seconds without the frame finishing, raises ``KeyboardInterrupt`` in the main thread to
+    abandon it; signals during the final shutdown are ignored. The handlers run on the main
+    thread between bytecodes, so they never interrupt a C call (a publish) half-way.
+    """
+
+    def __init__(self, grace: float = STOP_GRACE_S) -> None:
+        self.requested = False
+        self.node: Im2HandsNode | None = None
+        self._grace = grace
+        self._finishing = False
+        self._timer: threading.Timer | None = None
+        # (handlers can only be set on the main thread; elsewhere the defaults stay)
+        on_main = threading.current_thread() is threading.main_thread()
+        sigs = (signal.SIGINT, signal.SIGTERM) if on_main else ()
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in sigs}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self._finishing:
+            return
+        if self.requested or self.node is None:
+            raise KeyboardInterrupt  # abandon what is running (a frame, the configuration)
+        self.requested = True
+        worker = self.node.worker
+        doing = "finishing the frame in progress" if worker.busy else "no frame in progress"
+        self.node.get_logger().info(f"{signal.Signals(signum).name}: stopping ({doing})")
+        worker.request_stop()
+        self._timer = threading.Timer(self._grace, _thread.interrupt_main)  # a second signal
+        self._timer.daemon = True
+        self._timer.start()
+
+    def finish(self) -> None:
+        """From now on signals are ignored (the shutdown is under way)."""
+        self._finishing = True
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``im2hands-node [--ros-args ...]``: the node, unmanaged unless ``autostart:=false``.
 
     The executor spins on a background thread and frames are reconstructed on the main thread
-    (see :class:`~im2hands_ros.worker.LatestFrameWorker`: torch runs faster there)."""
+    (see :class:`~im2hands_ros.worker.LatestFrameWorker`: torch runs faster there). SIGINT and
+    SIGTERM stop it cleanly (:class:`_GracefulStop`); the exit code is then 0."""
     args = list(sys.argv if argv is None else argv)
     plain = args[1 : args.index("--ros-args")] if "--ros-args" in args else args[1:]
     if "-h" in plain or "--help" in plain:
@@ -508,13 +582,13 @@ def main(argv: list[str] | None = None) -> int:
     from im2hands_ros.fastdds import use_shipped_profile
 
     use_shipped_profile()  # VGA frames between processes without drops (config/fastdds.xml)
-    rclpy.init(args=args)
-    node = Im2HandsNode(own_thread=False)
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    rclpy.get_default_context().on_shutdown(node.worker.request_stop)  # SIGINT, SIGTERM
+    stop = _GracefulStop()
+    node: Im2HandsNode | None = None
+    executor: SingleThreadedExecutor | None = None
+    spinner: threading.Thread | None = None
 
     def spin() -> None:
+        assert executor is not None and node is not None
         try:
             executor.spin()
         except (KeyboardInterrupt, ExternalShutdownException):
@@ -523,22 +597,37 @@ def main(argv: list[str] | None = None) -> int:
             node.worker.request_stop()
 
     try:
+        rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+        node = Im2HandsNode(own_thread=False)
+        stop.node = node
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        rclpy.get_default_context().on_shutdown(node.worker.request_stop)
         if node.get_parameter("autostart").value:
             node.trigger_configure()
+            if stop.requested:
+                return 0
             if node._state != "inactive":
                 node.get_logger().fatal("configure failed (see above); exiting")
                 return 2
             node.trigger_activate()
         spinner = threading.Thread(target=spin, name="im2hands-executor", daemon=True)
         spinner.start()
-        node.worker.run()  # until shutdown
+        node.worker.run()  # until a signal (or a shutdown of the context)
     except KeyboardInterrupt:
         pass
     finally:
-        if node._state in ("active", "inactive"):
-            node._release()
-        node.destroy_node()
+        stop.finish()
+        if executor is not None:
+            executor.shutdown(timeout_sec=STOP_GRACE_S)  # no more callbacks
+        if spinner is not None:
+            spinner.join(STOP_GRACE_S)
+        if node is not None:
+            if node._state in ("active", "inactive"):
+                node._release()
+            node.destroy_node()
         rclpy.try_shutdown()
+        stop.restore()
     return 0
 
 

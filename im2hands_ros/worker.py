@@ -6,6 +6,12 @@ it and wakes one processing thread; a job still waiting when a newer one arrives
 counted as *superseded*. The thread checks each job's age when it takes it (older than
 ``max_age`` seconds: dropped and counted as *too old*), so latency stays bounded by one
 processing time plus one frame interval, whatever the input rate.
+
+Stopping (:meth:`LatestFrameWorker.request_stop`) refuses new jobs, discards a waiting one and
+lets the running one finish (the node abandons it instead when rclpy's context is already shut
+down, see ``Im2HandsNode._process``). When :meth:`~LatestFrameWorker.run` is on the
+main thread, its idle wait wakes every :data:`POLL_S` seconds so that Python signal handlers
+(the node's Ctrl-C) run promptly whichever thread the signal was delivered to.
 """
 
 from __future__ import annotations
@@ -15,7 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Job", "LatestFrameWorker"]
+__all__ = ["POLL_S", "Job", "LatestFrameWorker"]
+
+#: Longest idle wait without a look at Python's pending signals (seconds).
+POLL_S = 0.25
 
 
 @dataclass
@@ -86,6 +95,16 @@ class LatestFrameWorker:
         with self._cond:
             return self._cond.wait_for(lambda: self._slot is None and not self._busy, timeout)
 
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`request_stop` was called (new jobs are refused)."""
+        return self._stopping
+
+    @property
+    def busy(self) -> bool:
+        """Whether a job is being processed now."""
+        return self._busy
+
     def request_stop(self) -> None:
         """Make :meth:`run` return after the running job (safe from any thread or callback)."""
         with self._cond:
@@ -110,13 +129,21 @@ class LatestFrameWorker:
         try:
             self._loop()
         finally:
-            self._in_run = False
+            # a job abandoned by an exception that is not an Exception (KeyboardInterrupt from
+            # the node's signal handling) leaves nothing running: wait_idle must not hang
+            with self._cond:
+                self._busy = False
+                self._in_run = False
+                self._cond.notify_all()
             self._done.set()
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._slot is not None or self._stopping)
+                while not self._cond.wait_for(
+                    lambda: self._slot is not None or self._stopping, POLL_S
+                ):
+                    pass
                 if self._stopping:
                     return
                 job, self._slot = self._slot, None

@@ -111,7 +111,7 @@ def test_rgb8_is_zero_copy():
     [
         ({"encoding": "16UC1"}, "depth image"),
         ({"encoding": "32FC1"}, "depth image"),
-        ({"encoding": "yuv422"}, "unsupported image encoding 'yuv422'"),
+        ({"encoding": "yuv411"}, "unsupported image encoding 'yuv411'"),
         ({"encoding": ""}, "unsupported image encoding"),
         ({"step": 14}, "step 14 is smaller than a row"),
         ({"data": bytes(20)}, "data has 20 bytes"),
