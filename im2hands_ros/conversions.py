@@ -2,7 +2,8 @@
 
 Everything here is plain data shuffling (no maths), so the node stays a thin shell:
 
-* images in: :func:`image_to_rgb` (raw ``sensor_msgs/Image``) and :func:`compressed_to_rgb`
+* images in: :func:`image_to_rgb` (raw ``sensor_msgs/Image``: RGB, BGR, mono, and the YUV and
+  Bayer encodings of USB and industrial cameras, decoded by OpenCV) and :func:`compressed_to_rgb`
   (``sensor_msgs/CompressedImage``, JPEG/PNG) give uint8 ``[H, W, 3]`` RGB; :func:`camera_info_to_K`
   and :func:`default_camera_K` give ``float64 [3, 3]`` intrinsics. Every bad input raises
   :class:`ConversionError` (a :class:`ValueError`) with a message saying what is wrong.
@@ -84,7 +85,8 @@ BONE_EDGES: tuple[tuple[int, int], ...] = SKELETON_EDGES
 #: Largest accepted image (pixels) unless the caller says otherwise: the pipeline's limit.
 DEFAULT_MAX_PIXELS = MAX_PIXELS
 
-#: Raw encodings :func:`image_to_rgb` reads, with their bytes per pixel.
+#: Raw encodings :func:`image_to_rgb` reads, with the bytes per pixel of a row (4:2:0 images,
+#: ``nv12`` and ``nv21``, have ``height / 2`` rows of interleaved chroma after the luma rows).
 SUPPORTED_ENCODINGS: dict[str, int] = {
     "rgb8": 3,
     "bgr8": 3,
@@ -92,8 +94,37 @@ SUPPORTED_ENCODINGS: dict[str, int] = {
     "bgra8": 4,
     "mono8": 1,
     "mono16": 2,
+    "yuv422": 2,
+    "uyvy": 2,
+    "yuv422_yuy2": 2,
+    "yuyv": 2,
+    "nv12": 1,
+    "nv21": 1,
+    "bayer_rggb8": 1,
+    "bayer_bggr8": 1,
+    "bayer_gbrg8": 1,
+    "bayer_grbg8": 1,
 }
 _DEPTH_ENCODINGS = ("16UC1", "32FC1")
+#: Encodings decoded by ``cv2.cvtColor``, with the name of the ``cv2`` conversion code. ROS's
+#: ``yuv422`` is UYVY (``yuv422_yuy2`` is YUYV); OpenCV's YUV codes are BT.601 limited range, as
+#: these cameras send. OpenCV's two-letter Bayer codes are named by the second row's first two
+#: pixels (ROS's ``bayer_rggb8``, whose first row is R G, is ``COLOR_BayerBG2RGB``): checked by
+#: mosaicking known images in ROS's patterns and decoding them (tests/test_ros_camera_encodings.py).
+_CV_CODES: dict[str, str] = {
+    "yuv422": "COLOR_YUV2RGB_UYVY",
+    "uyvy": "COLOR_YUV2RGB_UYVY",
+    "yuv422_yuy2": "COLOR_YUV2RGB_YUY2",
+    "yuyv": "COLOR_YUV2RGB_YUY2",
+    "nv12": "COLOR_YUV2RGB_NV12",
+    "nv21": "COLOR_YUV2RGB_NV21",
+    "bayer_rggb8": "COLOR_BayerBG2RGB",
+    "bayer_bggr8": "COLOR_BayerRG2RGB",
+    "bayer_gbrg8": "COLOR_BayerGR2RGB",
+    "bayer_grbg8": "COLOR_BayerGB2RGB",
+}
+_YUV422 = ("yuv422", "uyvy", "yuv422_yuy2", "yuyv")
+_YUV420 = ("nv12", "nv21")
 
 _TOUCH_RGBA = (1.0, 1.0, 0.0, 1.0)  # yellow
 
@@ -112,8 +143,12 @@ def image_to_rgb(
     """uint8 ``[H, W, 3]`` RGB of a raw ``sensor_msgs/Image``.
 
     Reads ``rgb8``, ``bgr8``, ``rgba8``, ``bgra8``, ``mono8`` and ``mono16`` (scaled to 8 bits by
-    keeping the high byte, ``v >> 8``, honouring ``is_bigendian``), with any row padding given by
-    ``step``.
+    keeping the high byte, ``v >> 8``, honouring ``is_bigendian``) with numpy, and the camera
+    encodings with OpenCV: YUV 4:2:2 (``yuv422`` = ``uyvy``, ``yuv422_yuy2`` = ``yuyv``; even
+    width), YUV 4:2:0 (``nv12``, ``nv21``: ``height`` luma rows then ``height / 2`` rows of
+    interleaved chroma, all ``step`` bytes apart; even width and height) and 8-bit Bayer
+    (``bayer_rggb8``, ``bayer_bggr8``, ``bayer_gbrg8``, ``bayer_grbg8``, bilinear demosaicing).
+    Any row padding given by ``step`` is skipped.
 
     Args:
         msg: the image.
@@ -121,11 +156,12 @@ def image_to_rgb(
         copy: return a fresh C-contiguous writable array. Without it the result is, where the
             encoding allows, a view of ``msg.data`` (no copy: possibly read-only, strided or
             reversed along the channels); copy before writing into it or handing it to torch.
+            YUV and Bayer images are always decoded into a fresh array.
 
     Raises:
         ConversionError: depth (``16UC1``, ``32FC1``) or other unsupported encodings, an empty or
-            too large image, ``step`` smaller than a row, or ``data`` shorter than
-            ``step * height``.
+            too large image, an odd width (4:2:2, 4:2:0) or height (4:2:0), ``step`` smaller than
+            a row, or ``data`` shorter than ``step`` times the number of rows.
     """
     enc = str(msg.encoding)
     if enc in _DEPTH_ENCODINGS:
@@ -143,16 +179,30 @@ def image_to_rgb(
         raise ConversionError(f"empty image ({w}x{h})")
     if h * w > max_pixels:
         raise ConversionError(f"image {w}x{h} has more than the {max_pixels} pixels allowed")
+    if enc in _YUV422 and w % 2:
+        raise ConversionError(
+            f"{enc} image {w}x{h} has an odd width (two pixels share each U and V sample)"
+        )
+    if enc in _YUV420 and (w % 2 or h % 2):
+        raise ConversionError(
+            f"{enc} image {w}x{h} has an odd width or height (each 2x2 block shares one U and "
+            "V sample)"
+        )
     row = w * bpp
     if step < row:
         raise ConversionError(
             f"step {step} is smaller than a row of {w} {enc} pixels ({row} bytes)"
         )
+    n_rows = h + h // 2 if enc in _YUV420 else h
     n = len(msg.data)
-    if n < step * h:
-        raise ConversionError(f"data has {n} bytes, expected at least step * height = {step * h}")
+    if n < step * n_rows:
+        what = "step * height * 3 / 2" if enc in _YUV420 else "step * height"
+        raise ConversionError(f"data has {n} bytes, expected at least {what} = {step * n_rows}")
 
-    rows = np.frombuffer(msg.data, dtype=np.uint8, count=step * h).reshape(h, step)[:, :row]
+    rows = np.frombuffer(msg.data, dtype=np.uint8, count=step * n_rows)
+    rows = rows.reshape(n_rows, step)[:, :row]
+    if enc in _CV_CODES:
+        return _cv_to_rgb(rows if bpp == 1 else rows.reshape(n_rows, w, bpp), enc)
     if enc == "mono16":
         dtype = np.dtype(">u2" if msg.is_bigendian else "<u2")
         grey = (rows.view(dtype) >> 8).astype(np.uint8)
@@ -163,6 +213,23 @@ def image_to_rgb(
         pix = rows.reshape(h, w, bpp)
         rgb = pix[:, :, :3] if enc in ("rgb8", "rgba8") else pix[:, :, 2::-1]
     return np.array(rgb, dtype=np.uint8, order="C", copy=True) if copy else rgb
+
+
+def _cv_to_rgb(pixels: np.ndarray, enc: str) -> np.ndarray:
+    """Fresh uint8 ``[H, W, 3]`` RGB of a YUV or Bayer image, decoded by ``cv2.cvtColor``.
+
+    ``pixels`` are the image's rows without padding (a strided view of ``msg.data`` is fine:
+    OpenCV reads it with its row stride): ``[H, W, 2]`` for 4:2:2, ``[H * 3 / 2, W]`` for 4:2:0,
+    ``[H, W]`` for Bayer. Sizes are checked by the caller; any OpenCV error is still a
+    :class:`ConversionError`.
+    """
+    import cv2
+
+    try:
+        rgb = cv2.cvtColor(pixels, getattr(cv2, _CV_CODES[enc]))
+    except cv2.error as exc:
+        raise ConversionError(f"cannot decode {enc} image {pixels.shape}: {exc}") from exc
+    return np.ascontiguousarray(rgb, dtype=np.uint8)
 
 
 def compressed_to_rgb(msg: CompressedImage, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -263,6 +330,52 @@ def rgb_to_image(rgb: np.ndarray, header: Header, encoding: str = "rgb8") -> Ima
     msg.is_bigendian = 0
     msg.step = 3 * msg.width
     msg.data = np.ascontiguousarray(arr).tobytes()
+    return msg
+
+
+def depth_to_array(msg: Image, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A depth ``sensor_msgs/Image`` as numpy: ``16UC1`` -> ``uint16`` millimetres, ``32FC1`` ->
+    ``float32`` metres (what the pipeline's ``depth=`` takes; 0 / NaN = no measurement).
+
+    Raises:
+        ConversionError: another encoding, an empty or too large image, or too little data.
+    """
+    enc = str(msg.encoding)
+    dtypes = {"16UC1": np.dtype(np.uint16), "32FC1": np.dtype(np.float32)}
+    if enc not in dtypes:
+        raise ConversionError(f"depth encoding must be 16UC1 (mm) or 32FC1 (m), got {enc!r}")
+    h, w, step = int(msg.height), int(msg.width), int(msg.step)
+    if h <= 0 or w <= 0 or h * w > max_pixels:
+        raise ConversionError(f"depth image of {w}x{h} pixels is empty or too large")
+    dtype = dtypes[enc].newbyteorder(">" if msg.is_bigendian else "<")
+    if step < w * dtype.itemsize or len(msg.data) < step * h:
+        raise ConversionError(
+            f"depth image {w}x{h} {enc}: step {step} and {len(msg.data)} bytes do not hold it"
+        )
+    rows = np.frombuffer(bytes(msg.data), np.uint8, count=step * h).reshape(h, step)
+    return rows[:, : w * dtype.itemsize].copy().view(dtype).reshape(h, w).astype(dtypes[enc])
+
+
+def depth_to_image(depth_m: np.ndarray, header: Header, encoding: str = "16UC1") -> Image:
+    """A depth ``sensor_msgs/Image`` of ``float [H, W]`` metres: ``16UC1`` (millimetres, rounded;
+    0 where there is no measurement) or ``32FC1`` (metres)."""
+    arr = np.asarray(depth_m, np.float64)
+    if arr.ndim != 2:
+        raise ConversionError(f"expected a [H, W] depth image, got shape {arr.shape}")
+    valid = np.isfinite(arr) & (arr > 0)
+    if encoding == "16UC1":
+        data = np.where(valid, np.clip(np.round(arr * 1e3), 0, 65535), 0).astype("<u2")
+    elif encoding == "32FC1":
+        data = np.where(valid, arr, 0.0).astype("<f4")
+    else:
+        raise ConversionError(f"depth encoding must be 16UC1 or 32FC1, got {encoding!r}")
+    msg = Image()
+    msg.header = _header(header)
+    msg.height, msg.width = int(arr.shape[0]), int(arr.shape[1])
+    msg.encoding = encoding
+    msg.is_bigendian = 0
+    msg.step = data.itemsize * msg.width
+    msg.data = data.tobytes()
     return msg
 
 

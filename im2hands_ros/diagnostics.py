@@ -41,6 +41,11 @@ class NodeStats:
         self.bad_camera_info = 0
         self.bad_keypoints = 0
         self.no_hand = 0
+        # depth input (use_depth): frames without a depth image of their stamp, depth images
+        # that could not be read, frames with a hand placed without its depth
+        self.no_depth = 0
+        self.bad_depth = 0
+        self.depth_unused = 0
         self._latency_ms: deque[float] = deque(maxlen=window)
         self._pipeline_ms: deque[float] = deque(maxlen=window)
         self._out_times: deque[float] = deque(maxlen=window)
@@ -55,7 +60,7 @@ class NodeStats:
 
     def count(self, name: str) -> None:
         """Increment one of the plain counters (``bad_camera_info``, ``bad_keypoints``,
-        ``no_hand``)."""
+        ``no_hand``, ``no_depth``, ``bad_depth``, ``depth_unused``)."""
         with self._lock:
             setattr(self, name, getattr(self, name) + 1)
 
@@ -84,6 +89,9 @@ class NodeStats:
                 "bad_camera_info": self.bad_camera_info,
                 "bad_keypoints": self.bad_keypoints,
                 "no_hand": self.no_hand,
+                "no_depth": self.no_depth,
+                "bad_depth": self.bad_depth,
+                "depth_unused": self.depth_unused,
                 **{f"dropped_{r}": self.drops[r] for r in DROP_REASONS},
             }
         for name, arr in (("latency_ms", lat), ("pipeline_ms", pipe)):

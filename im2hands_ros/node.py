@@ -13,8 +13,14 @@ unmanaged: ``im2hands-node --ros-args -p device:=cpu -r image:=/camera/image_raw
 Inputs (relative names; remap them): ``image`` (``sensor_msgs/Image``) or
 ``<image>/compressed`` (``sensor_msgs/CompressedImage``, ``image_transport:=compressed``),
 ``camera_info`` (the latest valid one is used; until one arrives the node warns once and uses
-:func:`~im2hands_ros.conversions.default_camera_K`), and with ``keypoint_source:=topic``
-``keypoints`` (``geometry_msgs/PoseArray``, 42 poses, stamped like its image).
+:func:`~im2hands_ros.conversions.default_camera_K`), with ``keypoint_source:=topic``
+``keypoints`` (``geometry_msgs/PoseArray``, 42 poses, stamped like its image), and with
+``use_depth:=true`` ``depth`` (``sensor_msgs/Image``, ``16UC1`` mm or ``32FC1`` m, registered
+to the colour image and stamped like it; a frame without one, or with one that does not fit, is
+reconstructed from the image alone and counted in ``/diagnostics``).
+
+Keypoints come from MediaPipe's hand models by default (``keypoint_source:=mediapipe``), tracked
+across frames (``track_hands``).
 
 Outputs, stamped with the image's header: ``hands/mesh`` (RViz ``MarkerArray``, one
 ``TRIANGLE_LIST`` per hand, ``DELETE`` when a hand disappears), ``hands/{left,right}/mesh``
@@ -70,6 +76,10 @@ __all__ = ["OUTPUTS", "Im2HandsNode", "main"]
 NODE_NAME = "im2hands"
 #: Keypoint messages kept while waiting for their image (keypoint_source topic).
 KEYPOINT_BUFFER = 30
+#: Depth images kept for pairing with colour images by stamp.
+DEPTH_BUFFER = 10
+#: Longest wait for the depth image of a colour image that is being processed, seconds.
+DEPTH_WAIT_S = 0.1
 #: Seconds after activation without any image before the node explains what it subscribes to.
 NO_DATA_WARNING_S = 5.0
 #: Frames between returns of freed heap memory to the system (glibc ``malloc_trim``).
@@ -143,6 +153,8 @@ class Im2HandsNode(LifecycleNode):
         self._pubs: dict[str, Any] = {}
         self._camera: tuple[np.ndarray, int, int] | None = None  # K, width, height
         self._keypoints: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._depth: OrderedDict[tuple[int, int], Image] = OrderedDict()
+        self._warned_once: set[str] = set()
         self._waiting: Job | None = None  # image waiting for its keypoints
         self._previous_present = (True, True)
         self._last_mesh = self._last_debug = -1e9
@@ -208,6 +220,11 @@ class Im2HandsNode(LifecycleNode):
         self._subscribe(CameraInfo, "camera_info", self._on_camera_info, qos)
         if s.keypoint_source == "topic":
             self._subscribe(PoseArray, "keypoints", self._on_keypoints, qos)
+        if s.use_depth:
+            # a few frames deep: the depth image may arrive just after its colour image
+            depth_qos = QoSProfile(depth=max(s.qos_depth, DEPTH_BUFFER // 2),
+                                   reliability=qos.reliability)  # fmt: skip
+            self._subscribe(Image, "depth", self._on_depth, depth_qos)
         self._activated_at = time.monotonic()
         self._no_data_warned = False
         self._state = "active"
@@ -248,6 +265,7 @@ class Im2HandsNode(LifecycleNode):
         self.model = None
         self._camera = None
         self._keypoints.clear()
+        self._depth.clear()
         gc.unfreeze()
         gc.collect()
 
@@ -267,6 +285,7 @@ class Im2HandsNode(LifecycleNode):
             kp = frame.keypoints if s.keypoint_source == "topic" else None
             for _ in range(s.warmup_frames):
                 model(frame.image, frame.K, keypoints=kp)
+            model.reset_tracking()  # the warm-up frame is not part of the camera's video
             self.get_logger().info(f"warm-up: {time.monotonic() - t0:.1f} s")
         return model
 
@@ -336,6 +355,39 @@ class Im2HandsNode(LifecycleNode):
             elif key > wkey:  # keypoints moved past the waiting image: they never come for it
                 self._waiting = None
                 self._on_drop(waiting, "no_keypoints")
+
+    def _on_depth(self, msg: Image) -> None:
+        self._depth[_stamp_key(msg.header)] = msg
+        while len(self._depth) > DEPTH_BUFFER:
+            self._depth.popitem(last=False)
+
+    def _depth_for(self, header: Header) -> np.ndarray | None:
+        """The depth image stamped like the colour image, decoded; ``None`` (counted) when there
+        is none or it cannot be read."""
+        key = _stamp_key(header)
+        deadline = time.monotonic() + DEPTH_WAIT_S
+        msg = self._depth.get(key)
+        while msg is None and time.monotonic() < deadline:  # published just after the image
+            time.sleep(0.005)
+            msg = self._depth.get(key)
+        if msg is None:
+            self.stats.count("no_depth")
+            self._warn(f"no depth image with the colour image's stamp on "
+                       f"{self.resolve_topic_name('depth')}: hands placed from the image alone "
+                       "(counted as no_depth)")  # fmt: skip
+            return None
+        try:
+            return conv.depth_to_array(msg, max_pixels=self.settings.max_pixels)
+        except conv.ConversionError as exc:
+            self.stats.count("bad_depth")
+            self._warn_once(f"depth image ignored ({exc}); hands placed from the image alone "
+                            "(counted as bad_depth)")  # fmt: skip
+            return None
+
+    def _warn_once(self, text: str) -> None:
+        if text not in self._warned_once:
+            self._warned_once.add(text)
+            self.get_logger().warning(text)
 
     def _pair_image(self, job: Job) -> None:
         kp = self._keypoints.get(_stamp_key(job.payload.header))
@@ -418,12 +470,19 @@ class Im2HandsNode(LifecycleNode):
             self._warn(f"image dropped: {exc}")
             return
         K = self._intrinsics(rgb.shape[1], rgb.shape[0])
+        depth = self._depth_for(msg.header) if s.use_depth else None
         try:
-            result = model(rgb, K, keypoints=job.extra.get("keypoints"))
+            result = model(rgb, K, keypoints=job.extra.get("keypoints"), depth=depth,
+                           stamp=job.stamp)  # fmt: skip
         except InputError as exc:
             self.stats.dropped("bad_input")
             self._warn(f"frame dropped: {exc}")
             return
+        report = model.keypoint_report
+        if depth is not None and report is not None and report.depth_issue:
+            self.stats.count("depth_unused")
+            self._warn_once(f"depth not used for a hand ({report.depth_issue}); it is placed "
+                            "from the image alone (counted as depth_unused)")  # fmt: skip
         if result.empty:
             self.stats.count("no_hand")
         header = Header(stamp=msg.header.stamp, frame_id=s.output_frame or msg.header.frame_id)

@@ -47,13 +47,22 @@ PARAMETERS: tuple[Param, ...] = (
     Param("warmup_frames", 2, "Frames reconstructed at configure time so that the first real "
           "frame is not slow (first calls allocate and compile).", minimum=0),
     # --- stages ------------------------------------------------------------------------------
-    Param("keypoint_source", "learned", "Where the 3D keypoints come from: learned (the shipped "
-          "predictor), mediapipe (optional extra), or topic (the 'keypoints' input: a "
-          "geometry_msgs/PoseArray of 42 poses, left joints 0-20 then right 21-41, camera frame, "
-          "metres, NaN for an absent hand, stamped like the image it belongs to).",
-          ("learned", "mediapipe", "topic")),
-    Param("refine_keypoints", "auto", "Stage K (keypoint refinement): auto (on for detected "
-          "keypoints, off for the topic's), on, off.", ("auto", "on", "off")),
+    Param("keypoint_source", "mediapipe", "Where the 3D keypoints come from: mediapipe (the "
+          "default: MediaPipe's real-photo hand models with im2hands' two-hand search, placement "
+          "and tracking), learned (the shipped predictor, trained on renders), or topic (the "
+          "'keypoints' input: a geometry_msgs/PoseArray of 42 poses, left joints 0-20 then right "
+          "21-41, camera frame, metres, NaN for an absent hand, stamped like the image it "
+          "belongs to).", ("mediapipe", "learned", "topic")),
+    Param("track_hands", True, "mediapipe: follow the hands from frame to frame (the palm "
+          "detector runs only while a hand is missing); false: every frame detected afresh."),
+    Param("smooth_keypoints", True, "mediapipe with track_hands: One-Euro smoothing of the "
+          "tracked keypoints."),
+    Param("use_depth", False, "Subscribe to 'depth' (sensor_msgs/Image, 16UC1 millimetres or "
+          "32FC1 metres, registered to the colour image, stamped like it) and place the hands "
+          "from it; hands without valid depth fall back to the image-only placement."),
+    Param("refine_keypoints", "auto", "Stage K (keypoint refinement): auto (on for the learned "
+          "predictor's keypoints, which K was trained on; off for mediapipe's and the topic's), "
+          "on, off.", ("auto", "on", "off")),
     Param("use_image", True, "Stage I attends to the image (false: keypoint-only HALO)."),
     Param("refine_occupancy", True, "Stage R (two-hand occupancy refinement)."),
     Param("resolution", 0, "Effective mesh grid cells per axis, 32 times a power of two; "
@@ -95,6 +104,9 @@ class NodeSettings:
     threads: int
     warmup_frames: int
     keypoint_source: str
+    track_hands: bool
+    smooth_keypoints: bool
+    use_depth: bool
     refine_keypoints: str
     use_image: bool
     refine_occupancy: bool
@@ -118,6 +130,8 @@ class NodeSettings:
             "device": self.device,
             "backend": self.backend,
             "keypoint_source": "given" if self.keypoint_source == "topic" else self.keypoint_source,
+            "track_hands": self.track_hands,
+            "smooth_keypoints": self.smooth_keypoints,
             "refine_keypoints": {"auto": None, "on": True, "off": False}[self.refine_keypoints],
             "use_image": self.use_image,
             "refine_occupancy": self.refine_occupancy,

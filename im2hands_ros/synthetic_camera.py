@@ -21,6 +21,10 @@ Topics (relative names: namespaces and remappings apply):
     The same frame as a JPEG (quality 90; ``format`` as image_transport writes it, e.g.
     ``"rgb8; jpeg compressed bgr8"``), published in addition to ``image`` (after
     ``camera_info``), with the QoS of ``image``.
+``depth`` (``sensor_msgs/Image``, unless ``depth:=off``)
+    The rendered depth registered to ``image`` (camera z; ``16UC1`` millimetres by default or
+    ``32FC1`` metres, parameter ``depth``; 0 where nothing was rendered), published right after
+    the image with the same stamp and QoS.
 ``camera_info`` (``sensor_msgs/CameraInfo``)
     The intrinsics of the frame (undistorted pinhole, ``plumb_bob`` with zero distortion),
     published right after the image. QoS: reliable, depth 1 (matches both reliable and best
@@ -56,7 +60,9 @@ Parameters (``--ros-args -p name:=value``, read once at start-up):
 ``count`` (int, default 0)
     Publish this many frames, then exit with status 0; 0 publishes until interrupted.
 ``reliability`` (string, ``best_effort`` or ``reliable``, default ``best_effort``)
-    Reliability of ``image`` and ``image/compressed``.
+    Reliability of ``image``, ``image/compressed`` and ``depth``.
+``depth`` (string, ``16UC1``, ``32FC1`` or ``off``, default ``16UC1``)
+    Encoding of the ``depth`` topic, or no depth topic.
 
 A bad parameter value is logged as an error and the process exits with status 2. SIGINT and
 SIGTERM stop the node cleanly (status 0), also while it is still rendering.
@@ -99,6 +105,7 @@ _DESCRIPTIONS: dict[str, str] = {
     "compressed": "also publish image/compressed (JPEG)",
     "count": "publish this many frames and exit (int, >= 0; 0 = until interrupted)",
     "reliability": "QoS reliability of image and image/compressed: best_effort or reliable",
+    "depth": "encoding of the depth topic: 16UC1 (millimetres), 32FC1 (metres) or off",
 }
 
 
@@ -123,6 +130,7 @@ class CameraConfig:
     compressed: bool
     count: int
     reliability: str
+    depth: str = "16UC1"
 
     @staticmethod
     def from_values(values: dict[str, Any]) -> CameraConfig:
@@ -177,6 +185,7 @@ class CameraConfig:
             compressed=compressed,
             count=integer("count", 0),
             reliability=choice("reliability", ("best_effort", "reliable")),
+            depth=choice("depth", ("16UC1", "32FC1", "off")),
         )
 
 
@@ -192,6 +201,7 @@ def _defaults() -> dict[str, Any]:
         "compressed": False,
         "count": 0,
         "reliability": "best_effort",
+        "depth": "16UC1",
     }
 
 
@@ -204,10 +214,12 @@ class _FrameMessages:
     camera_info: Any
     keypoints: Any
     meshes: tuple[Any, Any]
+    depth: Any | None = None
 
     def all(self) -> list[Any]:
         msgs = [self.image, self.camera_info, self.keypoints, *self.meshes]
-        return msgs if self.compressed is None else [*msgs, self.compressed]
+        msgs += [m for m in (self.compressed, self.depth) if m is not None]
+        return msgs
 
 
 def _jpeg(rgb: np.ndarray, header: Any, encoding: str) -> Any:
@@ -249,6 +261,8 @@ def _frame_messages(frame: Any, header: Any, config: CameraConfig) -> _FrameMess
         camera_info=conv.camera_info_from_K(frame.K, w, h, header),
         keypoints=conv.keypoints_to_pose_array(frame.keypoints, header),
         meshes=(conv.mesh_to_msg(hands[0], header), conv.mesh_to_msg(hands[1], header)),
+        depth=None if config.depth == "off" or frame.depth is None
+        else conv.depth_to_image(frame.depth, header, config.depth),
     )
 
 
@@ -329,6 +343,8 @@ class SyntheticCamera:
         }
         if c.compressed:
             self._pubs["compressed"] = make(CompressedImage, "image/compressed", image_qos)
+        if c.depth != "off":
+            self._pubs["depth"] = make(Image, "depth", image_qos)
         self._timer = self.node.create_timer(1.0 / c.rate, self._tick)
         self.logger.info(
             f"ready: {len(self.frames)} frames, publishing at {c.rate:g} Hz"
@@ -344,6 +360,8 @@ class SyntheticCamera:
             m.header.stamp = stamp
         p = self._pubs
         p["image"].publish(msgs.image)
+        if msgs.depth is not None:
+            p["depth"].publish(msgs.depth)
         p["camera_info"].publish(msgs.camera_info)
         if msgs.compressed is not None:
             p["compressed"].publish(msgs.compressed)
