@@ -193,6 +193,14 @@ def cmd_bench_keypoints(args: argparse.Namespace) -> int:
     if args.json:
         write_json(report, Path(args.json))
         print(f"wrote {args.json}")
+    if args.pictures:
+        from PIL import Image
+
+        from im2hands_model.hand_tracking.bench import picture
+
+        photos = [np.asarray(Image.open(p).convert("RGB")) for p in args.photos]
+        picture(frames, photos, Path(args.pictures))
+        print(f"wrote {args.pictures}")
     return 0
 
 
@@ -359,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="keep the rendered frames in this .npz")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--no-learned", action="store_true", help="skip the learned predictor")
+    p.add_argument("--pictures", default=None, help="write an overlay sheet (JPEG) here")
+    p.add_argument("--photos", nargs="*", default=[], help="real photos for the sheet's top row")
     p.set_defaults(func=cmd_bench_keypoints)
 
     p = sub.add_parser("fetch-models", help="install MediaPipe's hand models (from PyPI)")

@@ -5,10 +5,10 @@ of their own, the shipped Fast DDS profile):
 
 1. ``im2hands-synthetic-camera``: rendered two-hand VGA frames + ``CameraInfo`` at ``--rate`` Hz,
    with ground truth on side topics;
-2. ``im2hands-node``: the reconstruction node. By default its keypoints come from the camera's
-   ground-truth topic (``keypoint_source:=topic``), standing in for an upstream hand-keypoint
-   detector, as the paper's main table does (GT keypoints); ``--keypoints learned`` uses the
-   shipped predictor instead;
+2. ``im2hands-node``: the reconstruction node with its default keypoint source (MediaPipe's hand
+   models, tracked, placed with the camera's rendered depth image); ``--keypoints topic`` takes
+   the camera's ground-truth keypoints instead (the paper's main table protocol) and
+   ``--keypoints learned`` the shipped predictor;
 3. this process: a :class:`~im2hands_ros.recorder.Recorder` that measures the latency from each
    image's stamp to the arrival of its ``/hands/mesh``, saves a few meshes (``.ply``) and
    overlays (``.png``), and afterwards scores IoU against the ground truth (paper protocol,
@@ -16,7 +16,9 @@ of their own, the shipped Fast DDS profile):
 
 The report is printed and written to ``<out>/demo_report.json``: ``latency_ms_median``,
 ``latency_ms_p95``, ``pipeline_ms_median`` (the node's own pipeline time), ``frames_in`` /
-``frames_out`` (node), ``iou`` (mean %), and details.
+``frames_out`` (node), ``iou`` (mean %), ``keypoint_error`` (the node's keypoints against the
+camera's ground truth: hands found, MPJPE after joint-9 alignment and root error, mm), and
+details.
 """
 
 from __future__ import annotations
@@ -127,6 +129,28 @@ def _score(frames: list[Any], n_points: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _keypoint_error(frames: list[Any]) -> dict[str, Any]:
+    """The node's keypoints against the ground truth of the same frames: share of GT hands
+    found, MPJPE after joint-9 alignment and root (joint 9) error, both mean mm."""
+    found = total = 0
+    aligned, root = [], []
+    for rec in frames:
+        for h, side in enumerate(("left", "right")):
+            gt = rec.gt_keypoints[h] if rec.gt_keypoints is not None else None
+            if gt is None or not np.isfinite(gt).all():
+                continue
+            total += 1
+            pred = rec.keypoints.get(side)
+            if pred is None:
+                continue
+            found += 1
+            aligned.append(1e3 * np.linalg.norm((pred - pred[9]) - (gt - gt[9]), axis=-1).mean())
+            root.append(1e3 * np.linalg.norm(pred[9] - gt[9]))
+    mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
+    return {"hands_found_pct": 100.0 * found / total if total else None,
+            "mpjpe_aligned_mm": mean(aligned), "root_error_mm": mean(root), "hands": total}
+
+
 def _save(frames: list[Any], out: Path, n: int) -> list[str]:
     """PLY meshes of the first ``n`` recorded frames with meshes, overlays of those with one,
     and a strip of the overlays (``overview.png``)."""
@@ -169,8 +193,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     print(f"ROS domain {env['ROS_DOMAIN_ID']}, discovery localhost only; logs in {frames_dir}/")
     node_params = [f"device:={args.device}", f"resolution:={args.resolution}",
-                   f"keypoint_source:={'topic' if args.keypoints == 'topic' else 'learned'}",
-                   "debug_image_rate:=1.0", f"threads:={args.threads}"]  # fmt: skip
+                   f"keypoint_source:={args.keypoints}", "debug_image_rate:=1.0",
+                   f"threads:={args.threads}",
+                   f"use_depth:={str(args.keypoints == 'mediapipe').lower()}"]  # fmt: skip
     node_cmd = [console_script("im2hands-node"), "--ros-args",
                 *[a for p in node_params for a in ("-p", p)],
                 "-r", "keypoints:=ground_truth/keypoints"]  # fmt: skip
@@ -230,6 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "frames_in": frames_in,
         "frames_out": frames_out,
         "iou": float(np.mean([r["mean_iou"] for r in scored])) if scored else None,
+        "keypoint_error": _keypoint_error(complete[-args.iou_frames :]),
         "latency_over_pipeline": (lat_median / pipeline_median)
         if lat_median and pipeline_median
         else None,
@@ -246,9 +272,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, a, b in zip(("node", "camera", "recorder"), cpu0, cpu1, strict=True)
         },
         "cpu_count": os.cpu_count(),
-        "keypoints": "ground truth from the camera (topic)"
-        if args.keypoints == "topic"
-        else "learned predictor",
+        "keypoints": {"topic": "ground truth from the camera (topic)",
+                      "learned": "learned predictor",
+                      "mediapipe": "MediaPipe (tracked, placed with the depth image)"
+                      }[args.keypoints],  # fmt: skip
         "node": {k: diag.get(k) for k in ("backend", "device", "resolution")},
         "iou_frames": scored,
         "files": written,
@@ -280,6 +307,9 @@ def _print(report: dict[str, Any], out: Path) -> None:
           f"recorder {f(cpu['recorder'])} % of {report['cpu_count']} cores")  # fmt: skip
     print(f"  IoU vs ground truth  {f(report['iou'], '{:.1f}')} % "
           f"({len(report['iou_frames'])} frames)")  # fmt: skip
+    kp = report["keypoint_error"]
+    print(f"  keypoints vs GT      {f(kp['hands_found_pct'])} % of {kp['hands']} hands found, "
+          f"{f(kp['mpjpe_aligned_mm'])} mm aligned, {f(kp['root_error_mm'])} mm root (joint 9)")
     print(f"  report: {out / 'demo_report.json'}; meshes and overlays: {out / 'ros_demo'}/")
 
 
@@ -290,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=8, help="distinct rendered frames, cycled")
     p.add_argument("--duration", type=float, default=20.0, help="measured seconds")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
-    p.add_argument("--keypoints", choices=("topic", "learned"), default="topic",
-                   help="topic: the camera's GT keypoints; learned: the predictor")  # fmt: skip
+    p.add_argument("--keypoints", choices=("mediapipe", "topic", "learned"), default="mediapipe",
+                   help="mediapipe (default): the node's MediaPipe source; topic: the camera's "
+                   "GT keypoints; learned: the predictor")  # fmt: skip
     p.add_argument("--device", default="cpu", help="node device (auto, cpu, cuda)")
     p.add_argument("--resolution", type=int, default=0, help="node mesh resolution (0: auto)")
     p.add_argument("--threads", type=int, default=0, help="node torch threads (0: default)")

@@ -66,6 +66,8 @@ class FrameRecord:
     meshes: dict[str, tuple[np.ndarray, np.ndarray] | None] = field(default_factory=dict)
     gt_meshes: dict[str, tuple[np.ndarray, np.ndarray] | None] = field(default_factory=dict)
     gt_keypoints: np.ndarray | None = None
+    #: the node's keypoints per side (``[21, 3]``; ``None`` for a hand it did not find)
+    keypoints: dict[str, np.ndarray | None] = field(default_factory=dict)
     overlay: np.ndarray | None = None
 
     @property
@@ -94,6 +96,8 @@ class Recorder:
                                      lambda m, s=side: self._on_mesh(m, s, False), rel)  # fmt: skip
             node.create_subscription(PointCloud2, f"{ground_truth_ns}/{side}/mesh",
                                      lambda m, s=side: self._on_mesh(m, s, True), rel)  # fmt: skip
+            node.create_subscription(PoseArray, f"{hands_ns}/{side}/keypoints",
+                                     lambda m, s=side: self._on_kp(m, s), rel)  # fmt: skip
         node.create_subscription(PoseArray, f"{ground_truth_ns}/keypoints", self._on_gt_kp, rel)
         node.create_subscription(Image, f"{hands_ns}/debug_image", self._on_overlay, rel)
         node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
@@ -132,6 +136,12 @@ class Recorder:
                 self._ground_truth(stamp)["meshes"][side] = msg
             else:
                 self._record(stamp).meshes[side] = conv.mesh_from_msg(msg)
+
+    def _on_kp(self, msg: PoseArray, side: str) -> None:
+        xyz = np.array([[p.position.x, p.position.y, p.position.z] for p in msg.poses])
+        with self._lock:
+            record = self._record((msg.header.stamp.sec, msg.header.stamp.nanosec))
+            record.keypoints[side] = xyz.reshape(21, 3) if len(xyz) == 21 else None
 
     def _on_gt_kp(self, msg: PoseArray) -> None:
         kp = conv.keypoints_from_pose_array(msg)

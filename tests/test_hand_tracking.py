@@ -152,6 +152,17 @@ def test_size_prior_pulls_toward_an_adult_palm():
     assert np.allclose(scale_to_prior(small, 1.0).mean(0), small.mean(0))
 
 
+def test_joints_move_onto_their_rays_at_their_depth():
+    from im2hands_model.hand_tracking.placement import along_rays
+
+    rng = np.random.default_rng(2)
+    hand = camera_hand(rng, np.array([0.0, 0.05, 0.6]))
+    uv = project(hand, K_TEST) + rng.normal(0, 3.0, (21, 2))
+    moved = along_rays(hand, uv, K_TEST)
+    assert np.allclose(moved[:, 2], hand[:, 2])
+    assert np.allclose(project(moved, K_TEST), uv, atol=1e-6)
+
+
 def _depth_image(hand: np.ndarray, offset: float, shape=(480, 640)) -> np.ndarray:
     """A depth image with a disc of the joint's (surface) depth around each joint."""
     depth = np.zeros(shape, np.float32)

@@ -318,7 +318,8 @@ def pipelines(cache_root) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("IM2HANDS_CACHE", str(cache_root.parent))  # the default cache: $.../onnx
         return {
-            backend: Im2Hands.from_pretrained(device="cpu", backend=backend, resolution=64)
+            backend: Im2Hands.from_pretrained(device="cpu", backend=backend, resolution=64,
+                                              keypoint_source="learned")
             for backend in ("torch", "onnxruntime")
         }
 

