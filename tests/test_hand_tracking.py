@@ -1,7 +1,7 @@
 """The default keypoint source (``im2hands_model.hand_tracking``) with MediaPipe's real models.
 
-Real photos: ``tests/data/handSrc.jpg`` and ``Back_Projection_Theory0.jpg`` (Debian
-``opencv-doc``), one left hand each, palm toward the camera. Rendered frames come from the
+Real photos (Debian ``opencv-doc``, ``tests/data/README.md``): one left hand each, palm toward
+the camera, one of them in dim light. Rendered frames come from the
 synthetic generator with their ground truth. The model files are those the set-up installed.
 """
 
@@ -35,7 +35,8 @@ from im2hands_model.hand_tracking.source import (
 from im2hands_model.hand_tracking.two_hands import assign_sides, same_hand
 
 DATA = Path(__file__).parent / "data"
-PHOTOS = ("handSrc.jpg", "Back_Projection_Theory0.jpg")
+PHOTOS = ("handSrc.jpg", "Back_Projection_Theory0.jpg", "Histogram_Comparison_Source_1.jpg",
+          "Histogram_Comparison_Source_2.jpg")
 K_TEST = np.array([[612.0, 0.0, 331.0], [0.0, 598.0, 236.0], [0.0, 0.0, 1.0]])
 
 

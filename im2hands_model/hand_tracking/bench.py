@@ -9,6 +9,8 @@ same models) and the shipped learned predictor -- is scored on:
   size of the GT projection);
 * ``both_found_pct``: two-hand frames with both hands found;
 * ``handedness_pct``: matched hands given the right side;
+* ``false_hands_pct``: found hands that match no GT hand (a hand found twice, or a phantom), per
+  GT hand;
 * ``mpjpe_aligned_mm``: MPJPE after aligning each matched hand at joint 9 (the paper's protocol);
 * ``root_error_mm`` / ``root_error_depth_mm``: median error of the hand's root joint in the
   camera frame (joint 9, the middle-finger base: the joint the aligned errors are measured
@@ -36,7 +38,8 @@ import numpy as np
 
 __all__ = ["SourceScores", "format_table", "load_frames", "run_keypoint_bench"]
 
-KEYS = ("hands_found_pct", "both_found_pct", "handedness_pct", "mpjpe_aligned_mm",
+KEYS = ("hands_found_pct", "both_found_pct", "handedness_pct", "false_hands_pct",
+        "mpjpe_aligned_mm",
         "root_error_mm", "root_error_depth_mm", "ms_per_frame_detect",
         "ms_per_frame_tracked", "centroid_error_mm", "centroid_error_depth_mm")  # fmt: skip
 
@@ -48,6 +51,7 @@ class SourceScores:
     name: str
     gt_hands: int = 0
     found: int = 0
+    false: int = 0
     two_hand_frames: int = 0
     both_found: int = 0
     right_side: int = 0
@@ -74,6 +78,7 @@ class SourceScores:
             "hands_found_pct": pct(self.found, self.gt_hands),
             "both_found_pct": pct(self.both_found, self.two_hand_frames),
             "handedness_pct": pct(self.right_side, self.found),
+            "false_hands_pct": pct(self.false, self.gt_hands),
             "mpjpe_aligned_mm": mean(self.aligned_mm),
             "root_error_mm": med(self.root_mm),
             "root_error_depth_mm": med(self.root_depth_mm),
@@ -91,7 +96,8 @@ def load_frames(n: int, seed: int, cache: Path | None = None) -> list[Any]:
     from im2hands_model.pipeline.bench import BenchFrame, synthetic_frames
 
     if cache is not None and cache.is_file():
-        data = np.load(cache, allow_pickle=False)
+        with np.load(cache, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}  # each read of an npz key decompresses it
         if int(data["n"]) >= n and int(data["seed"]) == seed:
             return [
                 BenchFrame(data["image"][i], data["K"][i], data["joints"][i], data["present"][i],
@@ -139,6 +145,7 @@ def _score(scores: SourceScores, frame: Any, kp: Any, kp_depth: Any | None) -> N
         [project(np.maximum(kp.joints[h], 1e-3), frame.K) for h in range(2)])  # fmt: skip
     match = _match(uv, kp.present, gt_uv, frame.present)
     scores.found += len(match)
+    scores.false += int(kp.present.sum()) - len(match)
     layout = scores.by_layout.setdefault(frame.layout, [0, 0])
     layout[0] += len(match)
     layout[1] += n_gt

@@ -14,9 +14,11 @@ looking until it has two hands or runs out of proposals, cheapest first:
 5. ``beside`` / ``across`` -- the found hand's region moved one palm-width to either side, and
    turned upside down (the other hand's fingers crossing it).
 
-A region whose landmarks land on a hand already found is a duplicate (median landmark distance
-under :data:`DUPLICATE_DISTANCE` of the smaller hand's 2D size) and is dropped; so is a landmark
-answer below the presence threshold.
+A region whose landmarks land on a hand already found is a duplicate and is dropped: median
+landmark distance under :data:`DUPLICATE_DISTANCE` of the smaller hand's 2D size, or palms centred
+within :data:`SAME_PALM_DISTANCE` of it with the same handedness (one hand read twice, e.g. upside
+down; two hands of one side cannot share a palm). So is a landmark answer below the presence
+threshold.
 
 **Handedness** (:func:`assign_sides`): the landmark model's score (for an unmirrored camera
 image, :mod:`~im2hands_model.hand_tracking.detector`) and the chirality of the hand's own 3D
@@ -55,6 +57,9 @@ __all__ = [
 #: Median landmark distance, as a fraction of the smaller hand's 2D box diagonal, under which
 #: two answers are the same hand.
 DUPLICATE_DISTANCE = 0.25
+#: Palm centres closer than this (fraction of the smaller hand's 2D size) with the same handedness
+#: are one hand.
+SAME_PALM_DISTANCE = 0.25
 #: Log-odds of "right hand" per unit of skeleton chirality (+0.6 to +2 for a clear right hand).
 CHIRALITY_WEIGHT = 2.0
 _LOGIT_CLIP = 8.0
@@ -64,10 +69,17 @@ def _diag(uv: np.ndarray) -> float:
     return float(np.linalg.norm(uv.max(0) - uv.min(0)))
 
 
-def same_hand(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two ``[21, 2]`` landmark sets are one hand found twice."""
+_PALM = [0, 5, 9, 13, 17]
+
+
+def same_hand(a: np.ndarray, b: np.ndarray, same_side: bool = False) -> bool:
+    """Whether two ``[21, 2]`` landmark sets are one hand found twice (``same_side``: both
+    answers say the same handedness)."""
     scale = max(min(_diag(a), _diag(b)), 1e-9)
-    return float(np.median(np.linalg.norm(a - b, axis=-1))) < DUPLICATE_DISTANCE * scale
+    if float(np.median(np.linalg.norm(a - b, axis=-1))) < DUPLICATE_DISTANCE * scale:
+        return True
+    palms = float(np.linalg.norm(a[_PALM].mean(0) - b[_PALM].mean(0)))
+    return same_side and palms < SAME_PALM_DISTANCE * scale
 
 
 def handedness_logit(hand: HandLandmarks, chirality_weight: float = CHIRALITY_WEIGHT) -> float:
@@ -146,7 +158,8 @@ class HandFinder:
             report.landmark_runs += 1
             if answer.presence < self.presence_threshold:
                 return False
-            if any(same_hand(answer.uv, h.uv) for h in hands):
+            side = handedness_logit(answer) > 0
+            if any(same_hand(answer.uv, h.uv, side == (handedness_logit(h) > 0)) for h in hands):
                 return False
             hands.append(answer)
             report.found_by.append(region.source)
