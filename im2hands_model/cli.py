@@ -71,7 +71,7 @@ def _model(args: argparse.Namespace, **config: Any):
 
 
 def _write_ply(mesh: Any, path: Path) -> None:
-    from im2hands_model.training.checkpoint import atomic_write
+    from im2hands_model.io import atomic_write
 
     atomic_write(path, lambda tmp: mesh.export(tmp, file_type="ply"))
 

@@ -18,7 +18,6 @@ no code is executed). ``training/recipes/default_weights.sh`` is how the files w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from im2hands_model.io import sha256, weights_fingerprint  # noqa: F401 (re-exported)
 
 #: Folder of the shipped weights.
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -44,27 +45,6 @@ STAGES: dict[str, str] = {
 
 class WeightsError(RuntimeError):
     """Shipped (or user-given) weights are missing, corrupt or do not fit their network."""
-
-
-def sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def weights_fingerprint(nets: dict[str, nn.Module]) -> str:
-    """SHA-256 of networks' weights (names, dtypes, shapes and values of every state entry), so
-    caches of what they computed (exported graphs, evaluation scores) can tell them apart."""
-    h = hashlib.sha256()
-    for name in sorted(nets):
-        for key, value in sorted(nets[name].state_dict().items()):
-            t = value.detach().to("cpu").contiguous()
-            h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def manifest(weights_dir: str | os.PathLike | None = None) -> dict[str, Any]:

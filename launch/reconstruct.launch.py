@@ -1,13 +1,16 @@
 """Launch the im2hands reconstruction node (ROS 2 installs with launch_ros; see README "ROS 2").
 
     ros2 launch im2hands_ros reconstruct.launch.py image:=/camera/color/image_raw \
-        camera_info:=/camera/color/camera_info device:=cuda rviz:=true
+        camera_info:=/camera/color/camera_info device:=cuda rviz:=true \
+        use_depth:=true depth:=/camera/aligned_depth_to_color/image_raw
 
 Arguments:
     image, camera_info: input topics (remapped onto the node's ``image`` and ``camera_info``);
         with ``image_transport:=compressed`` in the params file the node reads
         ``<image>/compressed``.
     keypoints: external keypoints topic (used with ``keypoint_source: topic``).
+    depth: registered depth image topic (used with ``use_depth:=true``: 16UC1 mm or 32FC1 m).
+    use_depth: overrides the file's ``use_depth`` (place the hands from the depth topic).
     params_file: node parameters (default: the installed ``config/im2hands.yaml``).
     device: overrides the file's ``device`` (auto, cpu, cuda, cuda:N).
     namespace: namespace of the node and of its outputs (``<ns>/hands/mesh``, ...).
@@ -29,6 +32,8 @@ ARGUMENTS = (
     ("image", "/camera/image_raw", "camera image topic (sensor_msgs/Image)"),
     ("camera_info", "/camera/camera_info", "camera intrinsics topic (sensor_msgs/CameraInfo)"),
     ("keypoints", "keypoints", "external keypoints (geometry_msgs/PoseArray, 42 poses)"),
+    ("depth", "depth", "registered depth image (sensor_msgs/Image, 16UC1 mm or 32FC1 m)"),
+    ("use_depth", "false", "place the hands from the depth topic"),
     ("params_file", None, "node parameters YAML (default: the installed config/im2hands.yaml)"),
     ("device", "auto", "torch device: auto, cpu, cuda or cuda:N"),
     ("namespace", "", "namespace of the node and its topics"),
@@ -51,12 +56,14 @@ def generate_launch_description() -> LaunchDescription:
             {
                 "device": LaunchConfiguration("device"),
                 "autostart": ParameterValue(LaunchConfiguration("autostart"), value_type=bool),
+                "use_depth": ParameterValue(LaunchConfiguration("use_depth"), value_type=bool),
             },
         ],
         remappings=[
             ("image", LaunchConfiguration("image")),
             ("camera_info", LaunchConfiguration("camera_info")),
             ("keypoints", LaunchConfiguration("keypoints")),
+            ("depth", LaunchConfiguration("depth")),
         ],
     )
     rviz = Node(

@@ -42,7 +42,7 @@ def test_launch_file_arguments_and_node_parameters():
     assert kw["executable"].value == "im2hands-node" and kw["name"].value == "im2hands"
     assert kw["package"].id == "PACKAGE"
     remapped = {e.elts[0].value for e in kw["remappings"].elts}
-    assert remapped == {"image", "camera_info", "keypoints"}
+    assert remapped == {"image", "camera_info", "keypoints", "depth"}
 
 
 def test_launch_description_builds_where_launch_ros_exists():

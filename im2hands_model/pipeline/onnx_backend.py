@@ -75,6 +75,7 @@ from torch import Tensor, nn
 
 from im2hands_model.canonical import HandPose, canonicalize
 from im2hands_model.hands import NORM_SCALE, from_normalized, mirror_normalized
+from im2hands_model.io import sha256, weights_fingerprint
 from im2hands_model.networks.backbone import ImageFeatures
 from im2hands_model.networks.init_occ import (
     EMPTY_LOGIT,
@@ -85,7 +86,6 @@ from im2hands_model.networks.init_occ import (
 from im2hands_model.networks.point_ops import knn
 from im2hands_model.networks.ref_occ import AnchorGraph, RefinementContext
 from im2hands_model.pipeline.crop import CROP_SIZE
-from im2hands_model.pretrained import sha256, weights_fingerprint
 
 __all__ = [
     "DEFAULT_OPSET",

@@ -122,7 +122,7 @@ def load_shipped(
 def network_digest(*nets: nn.Module | None) -> str:
     """Short fingerprint of the weights of ``nets`` (``None`` entries are skipped): two rows with
     the same digest were computed by the same weights, wherever they were loaded from."""
-    from im2hands_model.pretrained import weights_fingerprint
+    from im2hands_model.io import weights_fingerprint
 
     return weights_fingerprint({str(k): n for k, n in enumerate(nets) if n is not None})[:16]
 
@@ -529,7 +529,7 @@ def _open_cache(args: argparse.Namespace) -> dict[int, dict]:
 
 def _save_record(folder: str, rec: dict) -> None:
     """One scene's record (without picture arrays) as JSON, written atomically."""
-    from im2hands_model.training.checkpoint import atomic_write
+    from im2hands_model.io import atomic_write
 
     plain = {k: v for k, v in rec.items() if k != "picture"}
     path = Path(folder) / f"scene_{rec['index']:06d}.json"
