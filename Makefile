@@ -19,8 +19,9 @@ STAMPS := .make-stamps
 TORCH_VERSION := 2.13.0
 # Extra pip arguments for the torch install only (e.g. an index that serves CPU wheels).
 TORCH_PIP_ARGS ?=
-# System packages for headless OpenGL through EGL (Mesa's llvmpipe renders on the CPU).
-APT_PACKAGES := libegl1 libgl1 libgl1-mesa-dri libegl-mesa0
+# System packages for headless OpenGL through EGL (Mesa's llvmpipe renders on the CPU), and the
+# photographs the realistic renders use as backgrounds (mate-backgrounds: GPL-2+ nature photos).
+APT_PACKAGES := libegl1 libgl1 libgl1-mesa-dri libegl-mesa0 mate-backgrounds
 
 DEMO_N ?= 24
 DEMO_SEED ?= 0

@@ -186,9 +186,10 @@ def cmd_bench_keypoints(args: argparse.Namespace) -> int:
         write_json,
     )
 
-    frames = load_frames(args.frames, args.seed, Path(args.cache) if args.cache else None)
+    frames = load_frames(args.frames, args.seed, Path(args.cache) if args.cache else None,
+                         realism=args.realism)  # fmt: skip
     report = run_keypoint_bench(frames, learned=not args.no_learned)
-    report["seed"] = args.seed
+    report.update(seed=args.seed, realism=args.realism)
     print(format_table(report))
     if args.json:
         write_json(report, Path(args.json))
@@ -367,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="keep the rendered frames in this .npz")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--no-learned", action="store_true", help="skip the learned predictor")
+    p.add_argument("--realism", action="store_true",
+                   help="realistic renders: forearms, photo backgrounds, camera effects")
     p.add_argument("--pictures", default=None, help="write an overlay sheet (JPEG) here")
     p.add_argument("--photos", nargs="*", default=[], help="real photos for the sheet's top row")
     p.set_defaults(func=cmd_bench_keypoints)

@@ -200,7 +200,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 *[a for p in node_params for a in ("-p", p)],
                 "-r", "keypoints:=ground_truth/keypoints"]  # fmt: skip
     cam_cmd = [console_script("im2hands-synthetic-camera"), "--ros-args",
-               "-p", f"rate:={args.rate}", "-p", f"frames:={args.frames}"]  # fmt: skip
+               "-p", f"rate:={args.rate}", "-p", f"frames:={args.frames}",
+               "-p", f"realism:={str(args.realism).lower()}"]  # fmt: skip
     procs: list[subprocess.Popen] = []
     rclpy.init()
     ros_node = rclpy.create_node("im2hands_demo_recorder")
@@ -323,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keypoints", choices=("mediapipe", "topic", "learned"), default="mediapipe",
                    help="mediapipe (default): the node's MediaPipe source; topic: the camera's "
                    "GT keypoints; learned: the predictor")  # fmt: skip
+    p.add_argument("--realism", action="store_true",
+                   help="the camera renders forearms, photo backgrounds and camera effects")
     p.add_argument("--device", default="cpu", help="node device (auto, cpu, cuda)")
     p.add_argument("--resolution", type=int, default=0, help="node mesh resolution (0: auto)")
     p.add_argument("--threads", type=int, default=0, help="node torch threads (0: default)")

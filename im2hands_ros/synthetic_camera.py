@@ -63,6 +63,9 @@ Parameters (``--ros-args -p name:=value``, read once at start-up):
     Reliability of ``image``, ``image/compressed`` and ``depth``.
 ``depth`` (string, ``16UC1``, ``32FC1`` or ``off``, default ``16UC1``)
     Encoding of the ``depth`` topic, or no depth topic.
+``realism`` (bool, default false)
+    Realistic renders: forearms, photo backgrounds and camera effects
+    (:mod:`im2hands_model.data.realism`); the same hands, poses and cameras either way.
 
 A bad parameter value is logged as an error and the process exits with status 2. SIGINT and
 SIGTERM stop the node cleanly (status 0), also while it is still rendering.
@@ -106,6 +109,7 @@ _DESCRIPTIONS: dict[str, str] = {
     "count": "publish this many frames and exit (int, >= 0; 0 = until interrupted)",
     "reliability": "QoS reliability of image and image/compressed: best_effort or reliable",
     "depth": "encoding of the depth topic: 16UC1 (millimetres), 32FC1 (metres) or off",
+    "realism": "realistic renders: forearms, photo backgrounds, camera effects (bool)",
 }
 
 
@@ -131,6 +135,7 @@ class CameraConfig:
     count: int
     reliability: str
     depth: str = "16UC1"
+    realism: bool = False
 
     @staticmethod
     def from_values(values: dict[str, Any]) -> CameraConfig:
@@ -176,7 +181,11 @@ class CameraConfig:
             raise ParameterError(
                 f"parameter 'compressed' must be true or false, got {compressed!r}"
             )
+        realism = values.get("realism", False)
+        if not isinstance(realism, bool):
+            raise ParameterError(f"parameter 'realism' must be true or false, got {realism!r}")
         return CameraConfig(
+            realism=realism,
             rate=rate,
             frames=integer("frames", 1, MAX_FRAMES),
             seed=integer("seed", 0),
@@ -202,6 +211,7 @@ def _defaults() -> dict[str, Any]:
         "count": 0,
         "reliability": "best_effort",
         "depth": "16UC1",
+        "realism": False,
     }
 
 
@@ -308,7 +318,7 @@ class SyntheticCamera:
         c = self.config
         self.logger.info(f"rendering {c.frames} frame(s) (seed {c.seed}) ...")
         t0 = time.monotonic()
-        frames = synthetic_frames(c.frames, seed=c.seed)
+        frames = synthetic_frames(c.frames, seed=c.seed, realism=c.realism)
         t1 = time.monotonic()
         header = Header(frame_id=c.frame_id)
         self.frames = [_frame_messages(f, header, c) for f in frames]

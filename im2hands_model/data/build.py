@@ -27,6 +27,7 @@ class SynthSettings:
     full_frame: bool = False
     shard_size: int = 64
     skin_cues: bool = False
+    realism: bool = False
 
 
 _GENERATOR = None
@@ -41,8 +42,9 @@ def _init_worker(settings: SynthSettings) -> None:
     from im2hands_model.data.synthetic import SceneGenerator
 
     _GENERATOR = SceneGenerator(
-        settings.points_per_hand, settings.image_size, settings.full_frame, settings.skin_cues
-    )
+        settings.points_per_hand, settings.image_size, settings.full_frame, settings.skin_cues,
+        settings.realism,
+    )  # fmt: skip
 
 
 def _generate_chunk(args: tuple[int, list[int]]) -> tuple[np.ndarray, list[tuple[dict, dict]]]:
@@ -141,6 +143,7 @@ def _report(
         "image_size": settings.image_size,
         "full_frame": settings.full_frame,
         "skin_cues": settings.skin_cues,
+        "realism": settings.realism,
         "layouts": dict(Counter(s["layout"] for s in stats)),
         "hands": sum(1 if s["layout"] == "single" else 2 for s in stats),
         "children": sum(bool(s["child"]) for s in stats),

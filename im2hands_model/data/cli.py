@@ -1,7 +1,7 @@
 """``im2hands-data``: dataset commands.
 
 im2hands-data synth --n N --seed S --out DIR [--workers W] [--points-per-hand P]
-                    [--image-size S] [--full-frame] [--skin-cues] [--shard-size K] [--overwrite]
+                    [--image-size S] [--full-frame] [--skin-cues] [--realism] [--shard-size K] [--overwrite]
 im2hands-data convert-mano MANO_DIR OUT_DIR
 im2hands-data interhand --root IH26M --mano MANO_NPZ_DIR --split train|val|test --out DIR
                         [--max-frames N] [--points-per-hand P] [--image-size S] [--shard-size K]
@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="lighter palms and nails (tell palm from back, i.e. which hand is which; the "
         "shipped weights were trained without)",
+    )
+    synth.add_argument(
+        "--realism",
+        action="store_true",
+        help="forearms, photo backgrounds (Debian's mate-backgrounds) and camera effects; "
+        "implies --skin-cues (the shipped weights were trained without)",
     )
     synth.add_argument("--no-contact-sheet", action="store_true", help="skip contact_sheet.png")
     mano = sub.add_parser(
@@ -204,6 +210,7 @@ def _synth(args: argparse.Namespace) -> int:
         full_frame=args.full_frame,
         shard_size=args.shard_size,
         skin_cues=args.skin_cues,
+        realism=args.realism,
     )
     workers = min(args.workers, args.n)
     report = build_dataset(settings, args.out, workers=workers, progress=not args.quiet)

@@ -121,6 +121,7 @@ class SceneGenerator:
         image_size: int = 256,
         full_frame: bool = False,
         skin_cues: bool = False,
+        realism: bool = False,
     ) -> None:
         if points_per_hand <= 0 or image_size <= 0:
             raise ValueError("points_per_hand and image_size must be positive")
@@ -128,7 +129,14 @@ class SceneGenerator:
         self.image_size = int(image_size)
         self.full_frame = bool(full_frame)
         #: render lighter palms and nails, the cues that tell a palm from the back of a hand
-        self.skin_cues = bool(skin_cues)
+        #: forearms, photo backgrounds and camera effects (:mod:`.realism`; implies skin cues)
+        self.realism = bool(realism)
+        self.skin_cues = bool(skin_cues) or self.realism
+        self.backgrounds = None
+        if self.realism:
+            from im2hands_model.data.realism import PhotoBackgrounds
+
+            self.backgrounds = PhotoBackgrounds()
         self.renderer = Renderer(self.image_size, self.image_size)
         self.hand = AnnyHand()
         faces_right = self.hand.faces
@@ -256,7 +264,12 @@ class SceneGenerator:
         for h in range(2):
             verts[h] = (verts[h] - centre) @ glob.T + t_cam
             joints[h] = (joints[h] - centre) @ glob.T + t_cam
-        arrays = self._images(rng, verts, present, K_full)
+        rrng = None
+        if self.realism:
+            from im2hands_model.data.realism import realism_rng
+
+            rrng = realism_rng(seed, index)
+        arrays = self._images(rng, verts, present, K_full, joints, rrng, info)
 
         # 5. occupancy in each hand's normalised box.
         n = self.points_per_hand
@@ -353,8 +366,12 @@ class SceneGenerator:
         verts: list[np.ndarray],
         present: np.ndarray,
         K_full: np.ndarray,
+        joints: list[np.ndarray] | None = None,
+        rrng: np.random.Generator | None = None,
+        info: dict | None = None,
     ) -> dict[str, np.ndarray]:
-        """Render the crop (and optionally the full frame) of the posed hands."""
+        """Render the crop (and optionally the full frame) of the posed hands; with the realism
+        stream ``rrng``, forearms, photo backgrounds and camera effects too (:mod:`.realism`)."""
         size = self.image_size
         visible = np.concatenate([verts[h] for h in range(2) if present[h]])
         centre, side = crop_square(project_points(visible, K_full))
@@ -362,6 +379,7 @@ class SceneGenerator:
         K_crop = crop_intrinsics(K_full, centre - side / 2, side, size)
         person_tone = SKIN_TONES[rng.integers(len(SKIN_TONES))]
         meshes = []
+        tones: dict[int, np.ndarray] = {}
         for h in range(2):
             if present[h]:
                 tone = np.clip(person_tone * rng.uniform(0.93, 1.07, 3), 0, 1)
@@ -369,6 +387,14 @@ class SceneGenerator:
                 if self.skin_cues:
                     jitter = jitter * self._skin_cue_factors(tone)
                 meshes.append((verts[h], self.faces[h], tone, jitter))
+                tones[h] = tone
+        record: dict = {}
+        if rrng is not None and joints is not None:
+            from im2hands_model.data.realism import forearm_meshes
+
+            for h in np.flatnonzero(present):
+                arm, record[f"forearm_{h}"] = forearm_meshes(joints[h], rrng, tones[int(h)])
+                meshes += arm
         lights = self._lights(rng)
         ambient = float(rng.uniform(0.15, 0.4))
         # Render at the resolution the camera really has over the crop, then resample to the
@@ -377,26 +403,37 @@ class SceneGenerator:
         K_res = K_crop.copy()
         K_res[:2] *= res / size
         bg = random_background(rng, res, res)
+        photo = rrng is not None and self.backgrounds is not None and len(self.backgrounds) > 0
+        if photo and rrng.random() < 0.8:
+            bg, record["background_crop"] = self.backgrounds.sample(rrng, res, res)
         crop = self.renderer.render(
             meshes, K_res, res, res, background=bg, lights=lights, ambient=ambient
         )
         rgb = crop.rgb
         if res != size:
             rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
+        if rrng is not None:
+            from im2hands_model.data.realism import camera_effects
+
+            rgb, record["camera_crop"] = camera_effects(rgb, rrng)
         out = {"image": rgb, "K": K_crop.astype(np.float32)}
         if self.full_frame:
             w, h = FULL_FRAME
+            bg_full = random_background(rng, w, h)
+            if photo and rrng.random() < 0.8:
+                bg_full, record["background"] = self.backgrounds.sample(rrng, w, h)
             full = self.renderer.render(
-                meshes,
-                K_full,
-                w,
-                h,
-                background=random_background(rng, w, h),
-                lights=lights,
-                ambient=ambient,
-            )
-            out.update(image_full=full.rgb, K_full=K_full.astype(np.float32),
+                meshes, K_full, w, h, background=bg_full, lights=lights, ambient=ambient,
+            )  # fmt: skip
+            rgb_full = full.rgb
+            if rrng is not None:
+                from im2hands_model.data.realism import camera_effects
+
+                rgb_full, record["camera"] = camera_effects(rgb_full, rrng)
+            out.update(image_full=rgb_full, K_full=K_full.astype(np.float32),
                        depth_full=np.ascontiguousarray(full.depth, dtype=np.float32))  # fmt: skip
+        if info is not None and record:
+            info["realism"] = record
         return out
 
     @staticmethod

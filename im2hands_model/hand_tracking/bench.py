@@ -91,25 +91,28 @@ class SourceScores:
         }
 
 
-def load_frames(n: int, seed: int, cache: Path | None = None) -> list[Any]:
-    """``n`` rendered frames of ``seed`` (read from / written to ``cache``, an ``.npz``)."""
+def load_frames(n: int, seed: int, cache: Path | None = None, realism: bool = False
+                ) -> list[Any]:  # fmt: skip
+    """``n`` rendered frames of ``seed`` (read from / written to ``cache``, an ``.npz``;
+    ``realism``: the realistic renders, :mod:`im2hands_model.data.realism`)."""
     from im2hands_model.pipeline.bench import BenchFrame, synthetic_frames
 
     if cache is not None and cache.is_file():
         with np.load(cache, allow_pickle=False) as npz:
             data = {k: npz[k] for k in npz.files}  # each read of an npz key decompresses it
-        if int(data["n"]) >= n and int(data["seed"]) == seed:
+        same = bool(data.get("realism", np.array(False))) == realism
+        if int(data["n"]) >= n and int(data["seed"]) == seed and same:
             return [
                 BenchFrame(data["image"][i], data["K"][i], data["joints"][i], data["present"][i],
                            data["vertices"][i], data["faces"], str(data["layout"][i]),
                            data["depth"][i])  # fmt: skip
                 for i in range(n)
             ]
-    frames = synthetic_frames(n, seed=seed, progress=True)
+    frames = synthetic_frames(n, seed=seed, progress=True, realism=realism)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(
-            cache, n=n, seed=seed, image=np.stack([f.image for f in frames]),
+            cache, n=n, seed=seed, realism=realism, image=np.stack([f.image for f in frames]),
             K=np.stack([f.K for f in frames]), joints=np.stack([f.joints for f in frames]),
             present=np.stack([f.present for f in frames]),
             vertices=np.stack([f.vertices for f in frames]), faces=frames[0].faces,

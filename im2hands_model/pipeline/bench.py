@@ -61,14 +61,16 @@ class BenchFrame:
         return kp
 
 
-def synthetic_frames(n: int, seed: int = BENCH_SEED, progress: bool = False) -> list[BenchFrame]:
-    """``n`` rendered two-hand camera frames (640x480) from the synthetic generator."""
+def synthetic_frames(n: int, seed: int = BENCH_SEED, progress: bool = False,
+                     realism: bool = False) -> list[BenchFrame]:  # fmt: skip
+    """``n`` rendered two-hand camera frames (640x480) from the synthetic generator
+    (``realism``: with forearms, photo backgrounds and camera effects)."""
     from tqdm import tqdm
 
     from im2hands_model.data.layouts import LAYOUTS
     from im2hands_model.data.synthetic import SceneGenerator
 
-    gen = SceneGenerator(points_per_hand=64, full_frame=True)
+    gen = SceneGenerator(points_per_hand=64, full_frame=True, realism=realism)
     frames = []
     for i in tqdm(range(n), desc="render frames", unit="frame", disable=not progress):
         a = gen.generate(seed, i).arrays
