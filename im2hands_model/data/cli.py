@@ -1,7 +1,8 @@
 """``im2hands-data``: dataset commands.
 
 im2hands-data synth --n N --seed S --out DIR [--workers W] [--points-per-hand P]
-                    [--image-size S] [--full-frame] [--skin-cues] [--realism] [--shard-size K] [--overwrite]
+                    [--image-size S] [--full-frame] [--skin-cues] [--realism] [--shard-size K]
+                    [--overwrite]
 im2hands-data convert-mano MANO_DIR OUT_DIR
 im2hands-data interhand --root IH26M --mano MANO_NPZ_DIR --split train|val|test --out DIR
                         [--max-frames N] [--points-per-hand P] [--image-size S] [--shard-size K]
