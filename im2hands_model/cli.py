@@ -242,7 +242,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Rendered camera frames through the pipeline: meshes, keypoints, contacts and overlays,
     once with the ground-truth keypoints and once finding the hands with the keypoint source
-    (default MediaPipe), whose keypoint error against the ground truth is printed beside IoU."""
+    (default MediaPipe), whose keypoint error against the ground truth is printed beside IoU.
+
+    With MediaPipe each rendered frame is played as a short still video (``--video-frames``
+    calls, tracking reset between scenes, with the camera's rendered depth): the first call
+    detects the hands, the others track them, and both keypoint times are printed."""
     from PIL import Image
 
     from im2hands_model.pipeline.bench import frame_iou, synthetic_frames
@@ -250,15 +254,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = _model(args, **_config(args))
-    frames = synthetic_frames(args.frames, progress=True)
+    tracked = args.keypoint_source == "mediapipe"
+    model = _model(args, **_config(args), track_hands=tracked)
+    frames = synthetic_frames(args.frames, progress=True, realism=args.realism)
     model(frames[0].image, frames[0].K)  # warm-up
     rows = []
     for i, frame in enumerate(frames):
         tiles = [frame.image]
         detected = f"{args.keypoint_source}_keypoints"
+        if tracked:
+            model.reset_tracking()  # a new scene
+            times = []
+            for k in range(max(args.video_frames, 1)):
+                tracked_result = model(frame.image, frame.K, depth=frame.depth, stamp=k / 30.0)
+                times.append(tracked_result.timings_ms["keypoints"])
+            print(f"frame {i}: keypoints {times[0]:.0f} ms detected, "
+                  + (f"{np.median(times[1:]):.0f} ms tracked" if len(times) > 1 else ""))
         for source, kp in (("gt_keypoints", frame.keypoints), (detected, None)):
-            result = model(frame.image, frame.K, keypoints=kp)
+            if kp is None and tracked:
+                result = tracked_result  # the last frame of the still video
+            else:
+                result = model(frame.image, frame.K, keypoints=kp)
             folder = out / f"frame{i}_{source}"
             folder.mkdir(exist_ok=True)
             for hand in result.hands:
@@ -359,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="rendered frames through the pipeline, with pictures")
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--frames", type=int, default=2)
+    p.add_argument("--video-frames", type=int, default=3,
+                   help="calls per frame with MediaPipe (1 detects, the rest track)")
+    p.add_argument("--realism", action="store_true", help="realistic renders")
     _common(p)
     p.set_defaults(func=cmd_demo)
 

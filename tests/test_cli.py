@@ -126,3 +126,45 @@ def test_export_onnx_writes_the_graphs_and_their_manifest(tmp_path):
     assert manifest["graphs"] and all(
         (tmp_path / "onnx" / f"{name}.onnx").is_file() for name in manifest["graphs"]
     )
+
+
+def test_reconstruct_a_photo_with_the_default_source_and_a_depth_image(tmp_path):
+    """The default keypoint source on a real photo (one left hand), with a 16-bit depth PNG:
+    the hand is found and placed at the depth the image says."""
+    photo = Path(__file__).parent / "data" / "handSrc.jpg"
+    depth = np.full((480, 640), 450, np.uint16)  # a hand on a table 45 cm away
+    Image.fromarray(depth).save(tmp_path / "depth.png")
+    out = tmp_path / "out"
+    proc = run("reconstruct", str(photo), "--fx", "600", "--fy", "600", "--cx", "320",
+               "--cy", "240", "--depth", str(tmp_path / "depth.png"), "--resolution", "32",
+               "-o", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "left" in proc.stdout and not (out / "right.ply").exists()
+    kp = json.loads((out / "keypoints.json").read_text())
+    z = np.asarray(kp["left"]["joints"])[:, 2]
+    assert np.abs(np.median(z) - 0.45 - 0.012) < 0.03
+    bad = run("reconstruct", str(photo), "--depth", str(tmp_path / "missing.png"), "-o", str(out))
+    assert bad.returncode == 2 and "depth" in bad.stderr
+
+
+def test_demo_tracks_each_scene_and_reports_keypoint_error(tmp_path):
+    proc = run("demo", "-o", str(tmp_path), "--frames", "1", "--video-frames", "3",
+               "--resolution", "32", "--device", "cpu")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ms detected" in proc.stdout and "ms tracked" in proc.stdout
+    assert "mediapipe keypoints: IoU" in proc.stdout and "keypoints " in proc.stdout
+    assert (tmp_path / "overview.png").is_file()
+
+
+def test_bench_keypoints_writes_the_issue_keys(tmp_path):
+    out = tmp_path / "kp.json"
+    proc = run("bench-keypoints", "--frames", "3", "--seed", "4242", "--no-learned",
+               "--json", str(out), "--pictures", str(tmp_path / "sheet.jpg"),
+               "--photos", str(Path(__file__).parent / "data" / "handSrc.jpg"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    keys = ("hands_found_pct", "both_found_pct", "handedness_pct", "mpjpe_aligned_mm",
+            "root_error_mm", "root_error_depth_mm", "ms_per_frame_detect", "ms_per_frame_tracked")
+    for key in keys:
+        assert key in report and key in report["baselines"]["plain"], key
+    assert report["frames"] == 3 and (tmp_path / "sheet.jpg").is_file()
