@@ -60,7 +60,8 @@ setup(
     ),
     include_package_data=True,
     # the trained default weights (im2hands_model.pretrained) ship inside the package
-    package_data={"im2hands_model": ["weights/*.safetensors", "weights/manifest.json"]},
+    package_data={"im2hands_model": ["weights/*.safetensors", "weights/manifest.json",
+                                      "pipeline/warmup_hands.json"]},
     zip_safe=False,
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE_NAME}"]),

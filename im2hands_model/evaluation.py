@@ -26,8 +26,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from PIL import Image, ImageDraw
 
-from im2hands_model.data.contact_sheet import HAND_COLOURS
-from im2hands_model.hands import BOX_HALF, NUM_JOINTS, from_normalized, root_frame
+from im2hands_model.hands import BOX_HALF, HAND_COLOURS, NUM_JOINTS, from_normalized, root_frame
 from im2hands_model.metrics import (
     chamfer_l1_mm,
     contact_area,

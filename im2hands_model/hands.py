@@ -39,6 +39,9 @@ JOINT_NAMES: tuple[str, ...] = (
 FINGER_NAMES: tuple[str, ...] = ("thumb", "index", "middle", "ring", "pinky")
 
 #: Parent of each joint in the kinematic tree (the wrist has none).
+#: Display colour of each hand (RGB 0-255): left blue, right orange, everywhere pictures are made.
+HAND_COLOURS: tuple[tuple[int, int, int], tuple[int, int, int]] = ((60, 140, 255), (255, 140, 40))
+
 PARENTS: tuple[int, ...] = (
     -1,
     0, 1, 2, 3,

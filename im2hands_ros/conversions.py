@@ -42,7 +42,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, Poi
 from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
-from im2hands_model.data.contact_sheet import HAND_COLOURS as CONTACT_SHEET_COLOURS
+from im2hands_model.hands import HAND_COLOURS as CONTACT_SHEET_COLOURS
 from im2hands_model.hands import SKELETON_EDGES
 from im2hands_model.pipeline.frame import MAX_PIXELS, InputError, default_intrinsics
 

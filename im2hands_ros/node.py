@@ -278,15 +278,10 @@ class Im2HandsNode(LifecycleNode):
             torch.set_num_threads(s.threads)
         model = Im2Hands.from_pretrained(**s.pipeline_config())
         if s.warmup_frames:
-            from im2hands_model.pipeline.bench import synthetic_frames
+            from im2hands_model.pipeline.warmup import warmup
 
-            t0 = time.monotonic()
-            frame = synthetic_frames(1)[0]
-            kp = frame.keypoints if s.keypoint_source == "topic" else None
-            for _ in range(s.warmup_frames):
-                model(frame.image, frame.K, keypoints=kp)
-            model.reset_tracking()  # the warm-up frame is not part of the camera's video
-            self.get_logger().info(f"warm-up: {time.monotonic() - t0:.1f} s")
+            seconds = warmup(model, s.warmup_frames)  # built-in frame: no renderer needed
+            self.get_logger().info(f"warm-up: {seconds:.1f} s")
         return model
 
     # ------------------------------------------------------------------ inputs (executor thread)

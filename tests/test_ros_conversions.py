@@ -242,8 +242,7 @@ def _xyz(points) -> np.ndarray:
 
 
 def test_constants_match_library():
-    from im2hands_model.data.contact_sheet import HAND_COLOURS
-    from im2hands_model.hands import SKELETON_EDGES
+    from im2hands_model.hands import HAND_COLOURS, SKELETON_EDGES
 
     assert conv.HAND_COLOURS == HAND_COLOURS
     assert conv.BONE_EDGES == SKELETON_EDGES

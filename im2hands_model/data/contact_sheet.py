@@ -11,9 +11,7 @@ from scipy.spatial.transform import Rotation
 
 from im2hands_model.data.render import Renderer
 from im2hands_model.data.shards import ShardDataset
-from im2hands_model.hands import SKELETON_EDGES
-
-HAND_COLOURS = ((60, 140, 255), (255, 140, 40))  # left, right (RGB)
+from im2hands_model.hands import HAND_COLOURS, SKELETON_EDGES
 
 
 def draw_keypoints(image: np.ndarray, joints_2d: np.ndarray, present: np.ndarray) -> Image.Image:

@@ -52,7 +52,7 @@ Facts this module relies on, and where they were checked:
   projections of both hands' MANO vertices, centred on their bounding box, whose longer side
   fills 0.8 of it, resized to 256 px with the intrinsics adjusted; parts outside the image are
   black (``cv2.warpAffine``'s default border). The synthetic data uses the same rule
-  (:func:`~im2hands_model.data.synthetic.crop_square`, ``CROP_FILL = 0.8``).
+  (:func:`~im2hands_model.geometry.crop_square`, ``CROP_FILL = 0.8``).
 
 Pixel convention: InterHand2.6M's intrinsics follow OpenCV (pixel centres at integer
 coordinates); ours (:mod:`im2hands_model.data.shards`) has pixel ``(r, c)`` cover ``[c, c + 1)``,
@@ -621,7 +621,7 @@ def convert_frame(
     from im2hands_model.data.layouts import LAYOUTS
     from im2hands_model.data.occupancy import hand_occupancy
     from im2hands_model.data.render import project_points
-    from im2hands_model.data.synthetic import CROP_FILL, crop_intrinsics, crop_square
+    from im2hands_model.geometry import CROP_FILL, crop_intrinsics, crop_square
     from im2hands_model.hands import root_frame
     from im2hands_model.pipeline.crop import CropWindow, crop_image
 
@@ -815,7 +815,7 @@ def convert_interhand(
     from tqdm import tqdm
 
     from im2hands_model.data.shards import FACES_FILE, write_index, write_shard
-    from im2hands_model.data.synthetic import CROP_FILL
+    from im2hands_model.geometry import CROP_FILL
 
     settings = settings or ConvertSettings()
     root, mano_dir, out_dir = Path(root), Path(mano_dir), Path(out_dir)

@@ -43,6 +43,7 @@ from im2hands_model.data.render import (
     random_background,
     vertex_color_jitter,
 )
+from im2hands_model.geometry import CROP_FILL, crop_intrinsics, crop_square  # noqa: F401
 from im2hands_model.hands import LEFT, RIGHT, flip_faces, mirror_points, root_frame
 
 #: Relative frequency of each layout (same order as ``LAYOUTS``).
@@ -50,7 +51,6 @@ LAYOUT_WEIGHTS = np.array([0.2, 0.15, 0.25, 0.15, 0.15, 0.1])
 ADULT_SIZE_M = (0.155, 0.215)
 CHILD_SIZE_M = (0.12, 0.165)
 CHILD_FRACTION = 0.1
-CROP_FILL = 0.8  # hands span this fraction of the square crop
 FULL_FRAME = (640, 480)
 CAMERA_DISTANCE_M = (0.3, 0.9)
 _RELAX_SCALES = np.array([1.0, 0.92, 0.85, 0.78, 0.7, 0.62, 0.55, 0.45, 0.35, 0.25, 0.0])
@@ -76,30 +76,6 @@ class Scene:
 
     arrays: dict[str, np.ndarray]
     info: dict = field(default_factory=dict)  # statistics for the report (not stored per item)
-
-
-def crop_square(uv: np.ndarray, fill: float = CROP_FILL) -> tuple[np.ndarray, float]:
-    """The IntagHand-style square crop around image points ``uv`` ``[N, 2]`` (pixels).
-
-    The square is centred on the points' bounding box, whose longer side spans ``fill`` of it.
-
-    Returns:
-        ``(centre [2], side)`` in pixels.
-    """
-    lo, hi = uv.min(0), uv.max(0)
-    return 0.5 * (lo + hi), (hi - lo).max() / fill
-
-
-def crop_intrinsics(
-    K: np.ndarray, corner: np.ndarray | tuple[float, float], side: float, size: int
-) -> np.ndarray:
-    """Intrinsics of the square ``[x0, x0 + side) x [y0, y0 + side)`` of an image (``corner`` =
-    ``(x0, y0)``, pixels) resampled to ``size`` x ``size`` pixels (same pixel convention)."""
-    Kc = np.asarray(K, dtype=np.float64).copy()
-    Kc[0, 2] -= corner[0]
-    Kc[1, 2] -= corner[1]
-    Kc[:2] *= size / side
-    return Kc
 
 
 def scene_rng(seed: int, index: int) -> np.random.Generator:

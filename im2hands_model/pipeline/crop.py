@@ -1,6 +1,7 @@
 """Square crops like the training data's: where the networks look, and what they see.
 
-The synthetic crops (``im2hands_model.data.synthetic``) are squares around the projected hand
+The synthetic crops (``im2hands_model.data.synthetic``, with :mod:`im2hands_model.geometry`) are
+squares around the projected hand
 vertices, the hands spanning ``CROP_FILL`` = 80 % of the side, resampled to 256 px, with the
 intrinsics adjusted. At inference only keypoints are known: the vertices reach
 ``KEYPOINT_MARGIN`` = 1.08 times further than the keypoints (median over 200 held-out synthetic
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from im2hands_model.data.synthetic import CROP_FILL, crop_intrinsics
+from im2hands_model.geometry import CROP_FILL, crop_intrinsics
 
 __all__ = ["CROP_SIZE", "KEYPOINT_MARGIN", "CropWindow", "crop_image", "project"]
 

@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from im2hands_model.data.contact_sheet import HAND_COLOURS
-from im2hands_model.hands import SKELETON_EDGES
+from im2hands_model.hands import HAND_COLOURS, SKELETON_EDGES
 from im2hands_model.pipeline.crop import project
 from im2hands_model.pipeline.result import Reconstruction
 
