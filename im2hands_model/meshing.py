@@ -206,6 +206,10 @@ class MeshingStats:
 # ----------------------------------------------------------------------------------------------
 
 
+#: Iso-levels of the paper protocol: 0.5 for I (and HALO), 0.45 for I+R.
+THRESHOLD_I = 0.5
+THRESHOLD_R = 0.45
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA), so wall-clock timings mean something."""
     if device.type == "cuda":

@@ -30,6 +30,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.spatial import cKDTree
 
+from im2hands_model.hands import MID_JOINT  # the alignment joint (SPEC §2); re-exported
+
 __all__ = [
     "M3_TO_CM3",
     "M3_TO_MM3",
@@ -59,8 +61,6 @@ __all__ = [
 MeshLike = Any
 """A mesh: an object with ``vertices`` (V, 3) and ``faces`` (F, 3) attributes, or a tuple."""
 
-MID_JOINT = 9
-"""Index of the middle-finger MCP joint (the "mid joint", SPEC §2) used for alignment."""
 
 M3_TO_CM3 = 1.0e6
 """Multiply a volume in m³ by this to get cm³."""

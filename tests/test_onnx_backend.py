@@ -25,7 +25,8 @@ import torch
 
 # onnx and onnxruntime come with the `dev` extra: no skip when they are missing
 from im2hands_model.hands import to_normalized
-from im2hands_model.pipeline.model import SKIP_DISTANCE_M, Im2Hands
+from im2hands_model.networks.init_occ import SKIP_DISTANCE_M
+from im2hands_model.pipeline.model import Im2Hands
 from im2hands_model.pipeline.onnx_backend import (
     GRAPHS,
     MANIFEST,

@@ -58,6 +58,11 @@ def _uniform(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
 
 
+#: Points farther than this from every bone of a hand are empty for it (not run through I at
+#: inference, :attr:`InitialOccupancy.skip_distance`): hand surfaces lie within ~3 cm of their
+#: bones, and most of a meshing grid is far from the hand.
+SKIP_DISTANCE_M = 0.045
+
 class PartLinear(nn.Module):
     """``P`` independent linear layers applied as one batched matmul.
 

@@ -28,12 +28,15 @@ import torch
 
 from im2hands_model.hands import root_frame
 from im2hands_model.meshing import (
+    THRESHOLD_I,
+    THRESHOLD_R,
     band_refined_grid,
     grid_meshes,
     mesh_to_camera,
     mise_grid,
     synchronize,
 )
+from im2hands_model.networks.init_occ import SKIP_DISTANCE_M
 from im2hands_model.pipeline.contacts import (
     DEFAULT_CONTACT_DISTANCE,
     DEFAULT_VOXEL_SIZE,
@@ -62,8 +65,6 @@ __all__ = ["Im2Hands", "PipelineConfig"]
 KEYPOINT_SOURCES = ("mediapipe", "learned", "given")
 BACKENDS = ("torch", "onnxruntime")
 
-#: Points farther than this from every bone of a hand are empty for it (not run through I).
-SKIP_DISTANCE_M = 0.045
 
 
 @dataclass
@@ -106,8 +107,8 @@ class PipelineConfig:
     refine_occupancy: bool = True
     resolution: int | None = None
     coarse_resolution: int = 32
-    threshold_i: float = 0.5
-    threshold_r: float = 0.45
+    threshold_i: float = THRESHOLD_I
+    threshold_r: float = THRESHOLD_R
     cull_parts: int | None = 4
     dilate_final: bool = False
     reference: bool = False

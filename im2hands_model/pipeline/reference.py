@@ -20,7 +20,13 @@ import torch
 from torch import Tensor
 
 from im2hands_model.hands import from_normalized, root_frame
-from im2hands_model.meshing import extract_meshes_with_stats, mesh_to_camera, synchronize
+from im2hands_model.meshing import (
+    THRESHOLD_I,
+    THRESHOLD_R,
+    extract_meshes_with_stats,
+    mesh_to_camera,
+    synchronize,
+)
 from im2hands_model.networks.ref_occ import mesh_anchors
 
 __all__ = ["REFERENCE_COARSE", "REFERENCE_STEPS", "reference_meshes"]
@@ -59,8 +65,8 @@ def reference_meshes(
     K: Tensor,
     joints: Tensor,
     present: Tensor,
-    threshold_i: float = 0.5,
-    threshold_r: float = 0.45,
+    threshold_i: float = THRESHOLD_I,
+    threshold_r: float = THRESHOLD_R,
     seed: int = 0,
 ) -> tuple[list, dict[str, int], dict[str, float]]:
     """Both hands' meshes by the paper protocol (module docstring).

@@ -51,21 +51,13 @@ from im2hands_model.evaluation import (
     scene_penetration_cm3,
     summary_markdown,
 )
-from im2hands_model.meshing import Mesh
+from im2hands_model.meshing import THRESHOLD_I, THRESHOLD_R, Mesh
 from im2hands_model.metrics import joint_errors_mm
-from im2hands_model.networks.init_occ import EMPTY_LOGIT
+from im2hands_model.networks.init_occ import EMPTY_LOGIT, SKIP_DISTANCE_M
 from im2hands_model.networks.ref_occ import mesh_anchors
 from im2hands_model.training.checkpoint import load_trained_network
 from im2hands_model.training.stages.occupancy_common import mesh_scene
 from im2hands_model.training.stages.ref_occ import own_points
-
-#: Points farther than this from every bone of a hand are empty for it (not run through I):
-#: hand surfaces lie within ~3 cm of their bones; most of a meshing grid is far from the hand.
-SKIP_DISTANCE_M = 0.045
-
-#: Thresholds of the paper protocol: 0.5 for I (and HALO), 0.45 for R.
-THRESHOLD_I = 0.5
-THRESHOLD_R = 0.45
 
 #: Layouts where the hands touch or interlock (the second table of results.md).
 INTERACTING_LAYOUTS = ("clasped", "crossed", "touching")

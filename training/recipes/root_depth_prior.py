@@ -27,11 +27,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from im2hands_model.data.shards import ShardDataset  # noqa: E402
-from im2hands_model.hands import SKELETON_EDGES  # noqa: E402
+from im2hands_model.hands import MID_JOINT, SKELETON_EDGES  # noqa: E402
 
 EDGES = np.asarray(SKELETON_EDGES)
 DEPTHS_M = np.arange(0.05, 3.0, 0.0005)  # the depths searched, metres
-MID_JOINT = 9
 
 
 def mean_skeleton_length(folder: str, limit: int) -> tuple[float, int]:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from im2hands_model.hands import from_normalized, to_normalized
+from im2hands_model.meshing import THRESHOLD_R
 from im2hands_model.networks.backbone import ImageEncoder
 from im2hands_model.networks.init_occ import TwoHandInitialOccupancy
 from im2hands_model.networks.ref_occ import TwoHandRefinement, penetration_loss, sample_anchors
@@ -340,6 +341,6 @@ class RefOccStage:
             return torch.sigmoid(own_points(refined)[0])
 
         return occupancy_picture(
-            batch, occ_fn, dataset_faces(self.cfg), samples=n, threshold=0.45,
+            batch, occ_fn, dataset_faces(self.cfg), samples=n, threshold=THRESHOLD_R,
             variant="I+R",
         )  # fmt: skip
