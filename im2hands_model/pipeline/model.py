@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -147,6 +149,15 @@ class _Timer:
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.ms = device, {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Book the time spent in the ``with`` block under ``name``."""
+        t0 = self.now()
+        try:
+            yield
+        finally:
+            self.add(name, self.now() - t0)
 
     def add(self, stage: str, seconds: float) -> None:
         self.ms[stage] = self.ms.get(stage, 0.0) + seconds * 1e3
@@ -280,30 +291,29 @@ class Im2Hands:
         timer = _Timer(self.device)
         t_start = timer.now()
         frame = Frame.from_input(image, K, cfg.max_pixels)
-
-        t0 = timer.now()
-        found = self._keypoints(frame, keypoints, depth, stamp)
-        timer.add("keypoints", timer.now() - t0)
+        with timer.stage("keypoints"):
+            found = self._keypoints(frame, keypoints, depth, stamp)  # source (MediaPipe...)
         if not found.any:
             return self._empty(timer, t_start, "no hand found")
+        use_k = self._uses_k(keypoints)
+        with timer.stage("K") if use_k else nullcontext():
+            found = self._refine_keypoints(frame, found) if use_k else found  # K
+        crop = _Crop(frame, found, self.device)  # the training-style crop around the hands
+        occupancy_stages = self._reference_occupancy if cfg.reference else self._occupancy
+        meshes, occupancy, queries = occupancy_stages(crop, timer)  # I, R, meshing
+        with timer.stage("contacts"):
+            contacts = hand_contacts(meshes, cfg.contact_distance, cfg.voxel_size, occupancy)
+        return self._result(frame, crop, found, meshes, contacts, queries, timer, t_start)
 
+    def _uses_k(self, keypoints: Any) -> bool:
+        """K runs when switched on, or by default on the learned predictor's keypoints."""
+        cfg = self.config
         learned = keypoints is None and cfg.keypoint_source == "learned"
-        if cfg.refine_keypoints or (cfg.refine_keypoints is None and learned):
-            t0 = timer.now()
-            found = self._refine_keypoints(frame, found)
-            timer.add("K", timer.now() - t0)
+        return bool(cfg.refine_keypoints or (cfg.refine_keypoints is None and learned))
 
-        crop = _Crop(frame, found, self.device)
-        window = crop.window
-        if cfg.reference:
-            meshes, occupancy, queries = self._reference_occupancy(crop, timer)
-        else:
-            meshes, occupancy, queries = self._occupancy(crop, timer)
-
-        t0 = timer.now()
-        contacts = hand_contacts(meshes, cfg.contact_distance, cfg.voxel_size, occupancy)
-        timer.add("contacts", timer.now() - t0)
-
+    def _result(self, frame: Frame, crop: _Crop, found: Keypoints, meshes: list,
+                contacts: ContactReport, queries: dict, timer: _Timer, t_start: float,
+                ) -> Reconstruction:  # fmt: skip
         hands: list[HandResult | None] = [
             HandResult(
                 name, meshes[h].to_trimesh(), found.joints[h].copy(), float(found.confidence[h])
@@ -314,6 +324,7 @@ class Im2Hands:
         ]
         timer.add("total", timer.now() - t_start)
         message = "" if any(hands) else "hands found, but no surface extracted"
+        window = crop.window
         return Reconstruction(
             hands, contacts, timer.ms, queries, window.intrinsics(frame.K),
             (window.x0, window.y0, window.side), message,
