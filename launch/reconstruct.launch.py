@@ -1,4 +1,4 @@
-"""Launch the im2hands reconstruction node (ROS 2 installs with launch_ros; see README "ROS 2").
+"""Launch the im2hands reconstruction node (ROS 2 installs with launch_ros; see docs/ros.md).
 
     ros2 launch im2hands_ros reconstruct.launch.py image:=/camera/color/image_raw \
         camera_info:=/camera/color/camera_info device:=cuda rviz:=true \

@@ -71,7 +71,7 @@ BACKENDS = ("torch", "onnxruntime")
 
 @dataclass
 class PipelineConfig:
-    """Switches and sizes of the pipeline (all have defaults; see README "Pipeline").
+    """Switches and sizes of the pipeline (all have defaults; see docs/pipeline.md).
 
     Attributes:
         keypoint_source: ``mediapipe`` (default: MediaPipe's hand models with our two-hand
