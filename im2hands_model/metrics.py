@@ -417,11 +417,11 @@ def _nearest_sample_distance(
     ``vertices``/``faces``).
 
     Exact (k-d tree) for queries within :data:`CHAMFER_EXACT_WITHIN_M` of a sample. A k-d tree
-    search from a query far from every sample visits most of the tree (measured: 100k queries
-    5 cm off a 100k-sample surface take 10 s against 0.3 s when near), which made evaluating
-    badly placed hands take minutes; for those queries the distance to the mesh surface (libigl
-    AABB tree) is used instead. It differs from the nearest-sample distance ``d`` by about
-    ``gap² / 2d`` (``gap`` = sample spacing, ~0.3 mm at 100k samples on a hand): under 0.01 mm.
+    search from a query far from every sample visits most of the tree, which made evaluating
+    badly placed hands take minutes (docs/measurements.md); for those queries the distance to
+    the mesh surface (libigl AABB tree) is used instead. It differs from the nearest-sample
+    distance ``d`` by about ``gap² / 2d`` (``gap`` = sample spacing, ~0.3 mm at 100k samples on
+    a hand): under 0.01 mm.
     """
     d = cKDTree(samples).query(queries, k=1, distance_upper_bound=CHAMFER_EXACT_WITHIN_M)[0]
     far = ~np.isfinite(d)

@@ -15,12 +15,9 @@ Message arrays are filled from numpy. ``PointCloud2`` payloads are written with 
 arrays straight into ``data``. ``Marker.points`` must be a list of ``geometry_msgs/Point`` objects;
 they are made by :func:`points_from_array`, which allocates the objects and sets their slots with
 C-level ``map`` calls over ``ndarray.tolist()`` columns (no Python bytecode per point) while the
-cyclic garbage collector is paused. Measured for 61,440 points (a 20k-triangle TRIANGLE_LIST) on
-the 2-core development machine, with torch imported as in the node: ~21 ms, against ~165-320 ms
-for the naive ``[Point(x=x, y=y, z=z) for x, y, z in a.tolist()]`` (~55 ms of it object creation,
-the rest full GC passes over torch's objects that the 60k allocations trigger) and ~84 ms for
-deserialising a numpy-built CDR buffer. Publishing such a marker costs another ~24 ms of
-serialisation inside rclpy (1.5 MB). :func:`mesh_to_msg` (a PointCloud2) takes ~1 ms.
+cyclic garbage collector is paused: several times faster than building the points one by one,
+whose allocations also trigger full garbage-collector passes over torch's objects
+(docs/measurements.md). :func:`mesh_to_msg` (a PointCloud2) is the cheap format for programs.
 
 Frames: every result is in the camera frame of the input image (OpenCV optical frame: x right,
 y down, z forward, metres), so the builders take the image's ``std_msgs/Header`` (its stamp and

@@ -94,10 +94,9 @@ _PUBLISH_AFTER_SHUTDOWN = (_rclpy.RCLError, InvalidHandle)
 
 def _malloc_trim() -> Any:
     """glibc's ``malloc_trim`` (``None`` elsewhere). Torch's per-frame buffers of a few MB, freed
-    on two threads, leave glibc's heaps holding ~100 MB that resident memory then swings by
-    (measured 723-881 MB over 1,500 frames at 64³ with no growth trend); trimming every few
-    frames (2-8 ms a call) hands it back, so resident memory tracks what the node really holds
-    (750-770 MB over the same frames)."""
+    on two threads, leave glibc's heaps holding memory that resident memory then swings by;
+    trimming every few frames hands it back, so resident memory tracks what the node really
+    holds (docs/measurements.md)."""
     import ctypes
     import ctypes.util
 

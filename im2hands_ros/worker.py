@@ -50,8 +50,7 @@ class LatestFrameWorker:
         on_error: called with ``(job, exception)``.
         start: start the processing thread now; ``False``: the caller runs :meth:`run` on a
             thread of its choice (the node's ``main`` uses the main thread, where torch's CPU
-            kernels measured ~30 % faster than on a second thread: median 386 vs 559 ms per
-            frame on this 2-core machine, same frames, same process).
+            kernels run faster than on a second thread: docs/measurements.md).
     """
 
     def __init__(

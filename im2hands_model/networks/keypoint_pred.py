@@ -21,8 +21,8 @@ Design (2.5D heatmaps + root depth, integral regression):
 Which hand is which (``free_slots``). Two hands of one skin colour, clasped or crossed, look
 alike; a network that must put the left hand's wrist in heatmap 0 and the right hand's in
 heatmap 21 from the first step spreads each heatmap over both hands until it has learned to
-tell them apart, and the soft-argmax of such a map is the point between the hands (measured:
-the first CPU-trained predictor stayed there, 55 px from the joints on 256-px crops). With
+tell them apart, and the soft-argmax of such a map is the point between the hands
+(docs/measurements.md). With
 ``free_slots`` the network's two output slots hold the two hands in whatever order it finds
 easiest, the loss scores each crop under both orders and keeps the better one (as in set
 prediction, Carion et al. 2020, with two elements), and a handedness logit per slot, trained on
@@ -32,7 +32,7 @@ hands instead of collapsing both. With ``slot_order="chirality"`` the slots are 
 handedness of their own predicted 3D skeletons instead
 (:func:`~im2hands_model.hands.skeleton_chirality`: fingers bend toward the palm, so a skeleton
 with the right relative depths is a left or a right hand by its shape). That needs no trained
-head, and on our renders it was right more often than the head (measured, docs/results_notes.md).
+head, and on our renders it was right more often than the head (docs/results_notes.md).
 """
 
 from __future__ import annotations

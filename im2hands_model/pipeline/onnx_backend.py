@@ -35,8 +35,8 @@ and each query's neighbours); the graphs take those indices as inputs.
 
 **Part culling** (each point through its few nearest part MLPs) picks a different subset of parts
 per point, which has no efficient static-graph form: the ``*_hand_*`` graphs run all 16 parts
-for every near point (the exact, unculled I). On the CPU that is about 3x slower than torch with
-culling (measured: one hand, 20k points, 297 ms vs 75 ms), so there, with ``cull_parts`` set (the
+for every near point (the exact, unculled I). On the CPU that is several times slower than
+torch with culling (docs/measurements.md), so there, with ``cull_parts`` set (the
 pipeline's default), I's part MLPs run in torch on the ONNX encoder's tokens and everything else
 in ONNX Runtime; ``cull_parts=None`` runs I's graphs too. On a GPU the dense graphs are used.
 

@@ -112,8 +112,7 @@ def slowdown_warning(samples_per_s: float, fastest: float, device_type: str) -> 
 
     On a CPU the usual cause is another process on the same cores: PyTorch's OpenMP threads
     wait for each other by spinning, so two busy processes on two cores slow each other down far
-    more than twofold (a 2-thread predictor run on this project's 2-core machine fell from 70 to
-    3 samples/s while a 1-thread job ran beside it, measured).
+    more than twofold (docs/measurements.md).
     """
     if not (samples_per_s > 0 and fastest > 0) or fastest < SLOWDOWN_FACTOR * samples_per_s:
         return None
