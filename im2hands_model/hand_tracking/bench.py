@@ -261,6 +261,20 @@ def draw_keypoints(rgb: np.ndarray, kp: Any) -> np.ndarray:
     return np.asarray(image)
 
 
+TILE = (320, 240)  #: size of one picture in the sheets, pixels
+
+
+def fit_tile(rgb: np.ndarray, tile: tuple[int, int] = TILE) -> np.ndarray:
+    """``rgb`` shrunk into a white ``tile`` (width, height), centred, aspect kept."""
+    from PIL import Image
+
+    im = Image.fromarray(rgb)
+    im.thumbnail(tile)
+    canvas = Image.new("RGB", tile, (255, 255, 255))
+    canvas.paste(im, ((tile[0] - im.width) // 2, (tile[1] - im.height) // 2))
+    return np.asarray(canvas)
+
+
 def picture(frames: list[Any], photos: list[np.ndarray], path: Path, columns: int = 4) -> None:
     """A sheet: real photos with the default source's keypoints (top row), then rendered
     two-hand frames with one plain MediaPipe pass (middle) and the two-hand search (bottom),
@@ -270,14 +284,8 @@ def picture(frames: list[Any], photos: list[np.ndarray], path: Path, columns: in
     from im2hands_model.hand_tracking.source import DetectorConfig, MediaPipeHands
 
     ours, plain = MediaPipeHands(), MediaPipeHands(DetectorConfig(search=False))
-    tile = (320, 240)
-
-    def fit(a: np.ndarray) -> np.ndarray:
-        im = Image.fromarray(a)
-        im.thumbnail(tile)
-        canvas = Image.new("RGB", tile, (255, 255, 255))
-        canvas.paste(im, ((tile[0] - im.width) // 2, (tile[1] - im.height) // 2))
-        return np.asarray(canvas)
+    tile = TILE
+    fit = fit_tile
 
     def intrinsics(a: np.ndarray) -> np.ndarray:
         h, w = a.shape[:2]

@@ -25,7 +25,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from im2hands_model.hand_tracking.bench import load_frames, run_keypoint_bench  # noqa: E402
+from im2hands_model.hand_tracking.bench import (  # noqa: E402
+    fit_tile,
+    load_frames,
+    run_keypoint_bench,
+)
 
 PHOTOS = ("handSrc.jpg", "Back_Projection_Theory0.jpg", "Histogram_Comparison_Source_1.jpg",
           "Histogram_Comparison_Source_2.jpg")  # fmt: skip
@@ -50,15 +54,7 @@ def found_by_layout(report: dict) -> dict:
 def sheet(old: list, new: list, path: Path, columns: int = 4) -> None:
     from PIL import Image
 
-    tile = (320, 240)
-
-    def fit(a: np.ndarray) -> np.ndarray:
-        im = Image.fromarray(a)
-        im.thumbnail(tile)
-        canvas = Image.new("RGB", tile, (255, 255, 255))
-        canvas.paste(im, ((tile[0] - im.width) // 2, (tile[1] - im.height) // 2))
-        return np.asarray(canvas)
-
+    fit = fit_tile
     photos = [np.asarray(Image.open(ROOT / "tests" / "data" / p).convert("RGB")) for p in PHOTOS]
     rows = [[fit(p) for p in photos[:columns]],
             [fit(f.image) for f in old[:columns]],
