@@ -270,26 +270,27 @@ class HandTracker(MediaPipeHands):
         hands, search = self.finder(rgb, seeds, detect=True, search=wide)
         self.last = FrameReport(search=search, detector_ran=search.palm_runs > 0)
         self._missing = 0 if len(hands) >= 2 else self._missing + 1
+        # an answer from a seed region continues that seed's track (the landmark model returns
+        # the region it was given); tracks whose seed found nothing are lost with their filters
+        track_of = {id(seed): tr for seed, tr in zip(seeds, self.tracks, strict=True)}
         kept: list[_Track] = []
         new: list[HandLandmarks] = []
         new_how: list[str] = []
         for hand, how in zip(hands, search.found_by, strict=True):
-            track = next((tr for tr in self.tracks if how == "track" and _continues(tr, hand)),
-                         None)  # fmt: skip
+            track = track_of.get(id(hand.region))
             if track is not None:
                 track.hand = hand
                 kept.append(track)
             else:
                 new.append(hand)
                 new_how.append(how)
-        # tracks whose seed found nothing are lost; their filters go with them
+        found_by = ["track"] * len(kept) + new_how
         for hand, (side, p) in zip(new, self._new_sides(kept, new), strict=True):
             filters = OneEuroFilter(self.config.one_euro), OneEuroFilter(self.config.one_euro)
             kept.append(_Track(side, p, hand, *filters))
         self.tracks = kept
         kp = self._keypoints([tr.hand for tr in kept], [(tr.side, tr.p_side) for tr in kept],
-                             ["track"] * (len(kept) - len(new)) + new_how, rgb.shape[:2], K,
-                             depth)  # fmt: skip
+                             found_by, rgb.shape[:2], K, depth)  # fmt: skip
         if self.config.smoothing:
             kp = self._smooth(kp)
         return kp
@@ -314,9 +315,3 @@ class HandTracker(MediaPipeHands):
             diag = float(np.linalg.norm(uv[s].max(0) - uv[s].min(0)))
             uv[s] = tr.filter_2d(uv[s], self._t, diag)
         return Keypoints(joints, kp.present, kp.confidence, joints_2d=uv)
-
-
-def _continues(track: _Track, hand: HandLandmarks) -> bool:
-    """Whether ``hand`` was found from ``track``'s seed region (its region matches)."""
-    seed = region_from_landmarks(track.hand.uv, "track")
-    return abs(seed.cx - hand.region.cx) < 1e-6 and abs(seed.cy - hand.region.cy) < 1e-6
