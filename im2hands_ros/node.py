@@ -153,7 +153,7 @@ class Im2HandsNode(LifecycleNode):
         self._camera: tuple[np.ndarray, int, int] | None = None  # K, width, height
         self._keypoints: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._depth: OrderedDict[tuple[int, int], Image] = OrderedDict()
-        self._warned_once: set[str] = set()
+        self._newest_depth: tuple[int, int] | None = None
         self._waiting: Job | None = None  # image waiting for its keypoints
         self._previous_present = (True, True)
         self._last_mesh = self._last_debug = -1e9
@@ -265,6 +265,7 @@ class Im2HandsNode(LifecycleNode):
         self._camera = None
         self._keypoints.clear()
         self._depth.clear()
+        self._newest_depth = None
         gc.unfreeze()
         gc.collect()
 
@@ -351,7 +352,9 @@ class Im2HandsNode(LifecycleNode):
                 self._on_drop(waiting, "no_keypoints")
 
     def _on_depth(self, msg: Image) -> None:
-        self._depth[_stamp_key(msg.header)] = msg
+        key = _stamp_key(msg.header)
+        self._depth[key] = msg
+        self._newest_depth = key if self._newest_depth is None else max(self._newest_depth, key)
         while len(self._depth) > DEPTH_BUFFER:
             self._depth.popitem(last=False)
 
@@ -361,7 +364,10 @@ class Im2HandsNode(LifecycleNode):
         key = _stamp_key(header)
         deadline = time.monotonic() + DEPTH_WAIT_S
         msg = self._depth.get(key)
-        while msg is None and time.monotonic() < deadline:  # published just after the image
+        # a depth image published just after its colour image may still come, unless a later one
+        # has arrived already (or none ever did): then waiting would only delay every frame
+        while (msg is None and self._newest_depth is not None and self._newest_depth < key
+               and time.monotonic() < deadline):  # fmt: skip
             time.sleep(0.005)
             msg = self._depth.get(key)
         if msg is None:
@@ -374,14 +380,9 @@ class Im2HandsNode(LifecycleNode):
             return conv.depth_to_array(msg, max_pixels=self.settings.max_pixels)
         except conv.ConversionError as exc:
             self.stats.count("bad_depth")
-            self._warn_once(f"depth image ignored ({exc}); hands placed from the image alone "
-                            "(counted as bad_depth)")  # fmt: skip
+            self.get_logger().warning(f"depth image ignored ({exc}); hands placed from the image "
+                                      "alone (counted as bad_depth)", once=True)  # fmt: skip
             return None
-
-    def _warn_once(self, text: str) -> None:
-        if text not in self._warned_once:
-            self._warned_once.add(text)
-            self.get_logger().warning(text)
 
     def _pair_image(self, job: Job) -> None:
         kp = self._keypoints.get(_stamp_key(job.payload.header))
@@ -475,8 +476,9 @@ class Im2HandsNode(LifecycleNode):
         report = model.keypoint_report
         if depth is not None and report is not None and report.depth_issue:
             self.stats.count("depth_unused")
-            self._warn_once(f"depth not used for a hand ({report.depth_issue}); it is placed "
-                            "from the image alone (counted as depth_unused)")  # fmt: skip
+            self.get_logger().warning(f"depth not used for a hand ({report.depth_issue}); it is "
+                                      "placed from the image alone (counted as depth_unused)",
+                                      once=True)  # fmt: skip
         if result.empty:
             self.stats.count("no_hand")
         header = Header(stamp=msg.header.stamp, frame_id=s.output_frame or msg.header.frame_id)
