@@ -300,6 +300,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _keypoint_error(result: Any, frame: Any) -> str:
     """Keypoint error of a result against a rendered frame's ground truth, per side."""
+    from im2hands_model.hands import MID_JOINT
+    from im2hands_model.metrics import joint_errors_mm
+
     parts = []
     for h, hand in enumerate(result.hands):
         if not frame.present[h]:
@@ -308,8 +311,8 @@ def _keypoint_error(result: Any, frame: Any) -> str:
             parts.append(f"{('left', 'right')[h]} missed")
             continue
         pred, gt = np.asarray(hand.keypoints, np.float64), frame.joints[h]
-        aligned = 1e3 * np.linalg.norm((pred - pred[9]) - (gt - gt[9]), axis=-1).mean()
-        root = 1e3 * np.linalg.norm(pred[9] - gt[9])
+        aligned = joint_errors_mm(pred, gt).mean()
+        root = 1e3 * np.linalg.norm(pred[MID_JOINT] - gt[MID_JOINT])
         parts.append(f"{hand.side} {aligned:.0f} mm aligned / {root:.0f} mm root")
     return ", ".join(parts) or "none expected"
 

@@ -132,6 +132,9 @@ def _score(frames: list[Any], n_points: int) -> list[dict[str, Any]]:
 def _keypoint_error(frames: list[Any]) -> dict[str, Any]:
     """The node's keypoints against the ground truth of the same frames: share of GT hands
     found, MPJPE after joint-9 alignment and root (joint 9) error, both mean mm."""
+    from im2hands_model.hands import MID_JOINT
+    from im2hands_model.metrics import joint_errors_mm
+
     found = total = 0
     aligned, root = [], []
     for rec in frames:
@@ -144,8 +147,8 @@ def _keypoint_error(frames: list[Any]) -> dict[str, Any]:
             if pred is None:
                 continue
             found += 1
-            aligned.append(1e3 * np.linalg.norm((pred - pred[9]) - (gt - gt[9]), axis=-1).mean())
-            root.append(1e3 * np.linalg.norm(pred[9] - gt[9]))
+            aligned.append(float(joint_errors_mm(pred, gt).mean()))
+            root.append(1e3 * np.linalg.norm(pred[MID_JOINT] - gt[MID_JOINT]))
     mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
     return {"hands_found_pct": 100.0 * found / total if total else None,
             "mpjpe_aligned_mm": mean(aligned), "root_error_mm": mean(root), "hands": total}

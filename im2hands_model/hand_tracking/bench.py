@@ -140,6 +140,8 @@ def _match(uv: np.ndarray, present: np.ndarray, gt_uv: np.ndarray, gt_present: n
 
 def _score(scores: SourceScores, frame: Any, kp: Any, kp_depth: Any | None) -> None:
     from im2hands_model.hand_tracking.placement import project
+    from im2hands_model.hands import MID_JOINT
+    from im2hands_model.metrics import joint_errors_mm
 
     gt_uv = np.stack([project(frame.joints[h], frame.K) for h in range(2)])
     n_gt = int(frame.present.sum())
@@ -158,13 +160,12 @@ def _score(scores: SourceScores, frame: Any, kp: Any, kp_depth: Any | None) -> N
     for s, g in match.items():
         scores.right_side += int(s == g)
         pred, gt = kp.joints[s].astype(np.float64), frame.joints[g]
-        aligned = (pred - pred[9]) - (gt - gt[9])
-        scores.aligned_mm.append(1e3 * float(np.linalg.norm(aligned, axis=-1).mean()))
-        scores.root_mm.append(1e3 * float(np.linalg.norm(pred[9] - gt[9])))
+        scores.aligned_mm.append(float(joint_errors_mm(pred, gt).mean()))
+        scores.root_mm.append(1e3 * float(np.linalg.norm(pred[MID_JOINT] - gt[MID_JOINT])))
         scores.centroid_mm.append(1e3 * float(np.linalg.norm(pred.mean(0) - gt.mean(0))))
         if kp_depth is not None and kp_depth.present[s]:
             d = kp_depth.joints[s].astype(np.float64)
-            scores.root_depth_mm.append(1e3 * float(np.linalg.norm(d[9] - gt[9])))
+            scores.root_depth_mm.append(1e3 * float(np.linalg.norm(d[MID_JOINT] - gt[MID_JOINT])))
             scores.centroid_depth_mm.append(1e3 * float(np.linalg.norm(d.mean(0) - gt.mean(0))))
 
 
