@@ -1,4 +1,4 @@
-"""Camera geometry shared by the data, the pipeline and the keypoint sources: square crops.
+"""Camera geometry shared by the data, the pipeline and the keypoint sources: projection, crops.
 
 Core module (imports nothing else of the package): the synthetic data cuts its training crops
 with these functions and the pipeline cuts its run-time crops with the same ones, so the two
@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["CROP_FILL", "crop_intrinsics", "crop_square"]
+__all__ = ["CROP_FILL", "crop_intrinsics", "crop_square", "project_points"]
 
 CROP_FILL = 0.8  #: hands span this fraction of the square crop (IntagHand)
+
+
+def project_points(points: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """Pixels ``[N, 2]`` (u, v) of camera-frame points ``[N, 3]`` through a full pinhole ``K``
+    (skew included): ``u = (fx x + s y) / z + cx``, ``v = fy y / z + cy``."""
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    q = p @ np.asarray(K, dtype=np.float64).T
+    return q[:, :2] / q[:, 2:3]
 
 
 def crop_square(uv: np.ndarray, fill: float = CROP_FILL) -> tuple[np.ndarray, float]:

@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from im2hands_model.geometry import project_points  # noqa: F401 (re-exported: the renderer's rule)
+
 APT_PACKAGES = "libegl1 libgl1 libegl-mesa0 libgl1-mesa-dri"
 INSTALL_HINT = (
     f"Install EGL and Mesa (software rendering, no GPU or display needed) with "
@@ -109,16 +111,6 @@ LightLike = Light | Mapping[str, Any]
 # --------------------------------------------------------------------------------------------------
 # numpy helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def project_points(points: np.ndarray, K: np.ndarray) -> np.ndarray:
-    """Project camera-frame points [N, 3] to pixel coordinates [N, 2] (u, v); see module docstring.
-
-    The point lies in pixel ``(row floor(v), column floor(u))`` of the rendered image.
-    """
-    p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-    q = p @ np.asarray(K, dtype=np.float64).T
-    return q[:, :2] / q[:, 2:3]
 
 
 def projection_matrix(

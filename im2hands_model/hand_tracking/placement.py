@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from im2hands_model.geometry import project_points as project
+
 __all__ = [
     "along_rays",
     "DEPTH_INLIER_M",
@@ -53,12 +55,6 @@ DEPTH_INLIER_M = 0.02
 #: Fewest joints with a valid depth needed to place a hand from depth.
 MIN_DEPTH_JOINTS = 4
 _MCPS = (5, 9, 13, 17)
-
-
-def project(points: np.ndarray, K: np.ndarray) -> np.ndarray:
-    """Pixels ``[N, 2]`` of camera-frame points ``[N, 3]``."""
-    q = np.asarray(points, np.float64) @ np.asarray(K, np.float64).T
-    return q[:, :2] / q[:, 2:3]
 
 
 def along_rays(joints: np.ndarray, uv: np.ndarray, K: np.ndarray) -> np.ndarray:
