@@ -199,18 +199,19 @@ def run_keypoint_bench(frames: list[Any], learned: bool = True, progress: bool =
         results["mediapipe+K"] = SourceScores("mediapipe+K")
         results["learned"] = SourceScores("learned")
     for frame in tqdm(frames, desc="keypoint sources", unit="frame", disable=not progress):
-        kp_ours, ms = _timed(ours, frame.image, frame.K)
-        kp_d = ours(frame.image, frame.K, frame.depth)
-        results["mediapipe"].ms_detect.append(ms)
-        _score(results["mediapipe"], frame, kp_ours, kp_d)
+        found, ms_find = _timed(ours.find, frame.image)
+        kp_ours, ms_place = _timed(ours.place, found, frame.K)
+        results["mediapipe"].ms_detect.append(ms_find + ms_place)
+        _score(results["mediapipe"], frame, kp_ours, ours.place(found, frame.K, frame.depth))
         tracker.reset()
         tracker(frame.image, frame.K)
         _, ms = _timed(tracker, frame.image, frame.K)
         if len(tracker.tracks) == int(frame.present.sum()):
             results["mediapipe"].ms_tracked.append(ms)
-        kp, ms = _timed(plain, frame.image, frame.K)
-        results["plain"].ms_detect.append(ms)
-        _score(results["plain"], frame, kp, plain(frame.image, frame.K, frame.depth))
+        found, ms_find = _timed(plain.find, frame.image)
+        kp, ms_place = _timed(plain.place, found, frame.K)
+        results["plain"].ms_detect.append(ms_find + ms_place)
+        _score(results["plain"], frame, kp, plain.place(found, frame.K, frame.depth))
         if learned_source is not None and pipeline is not None:
             image = Frame.from_input(frame.image, frame.K)
             if kp_ours.any:

@@ -44,8 +44,8 @@ from im2hands_model.pipeline.result import Keypoints
 #: (the palm detector alone on the others), so a hand that comes back is found within as many.
 SEARCH_EVERY = 3
 
-__all__ = ["SEARCH_EVERY", "DetectorConfig", "FrameReport", "HandReport", "HandTracker",
-           "MediaPipeHands", "as_depth"]  # fmt: skip
+__all__ = ["SEARCH_EVERY", "DetectorConfig", "FoundHands", "FrameReport", "HandReport",
+           "HandTracker", "MediaPipeHands", "as_depth"]  # fmt: skip
 
 
 @dataclass
@@ -120,6 +120,17 @@ class FrameReport:
     depth_issue: str = ""
 
 
+@dataclass
+class FoundHands:
+    """The hands one image holds, before placement: landmarks, ``(side, P(side))`` and the
+    proposal that found each, and the image's ``(height, width)``."""
+
+    hands: list[HandLandmarks]
+    sides: list[tuple[int, float]]
+    found_by: list[str]
+    shape: tuple[int, int]
+
+
 def as_depth(depth: object, shape: tuple[int, int]) -> tuple[np.ndarray | None, str]:
     """A depth image as ``float32 [H, W]`` metres, or ``(None, why)``.
 
@@ -171,16 +182,24 @@ class MediaPipeHands:
             depth: optional registered depth image (:func:`as_depth`); a hand without valid
                 depth pixels, or a depth image that does not fit, is placed from the image.
         """
+        return self.place(self.find(rgb), K, depth)
+
+    def find(self, rgb: np.ndarray) -> FoundHands:
+        """Steps 1 and 2 (module docstring): the hands of one image and their sides."""
         hands, search = self.finder(rgb)
         self.last = FrameReport(search=search, detector_ran=True)
-        sides = assign_sides(hands)
-        return self._keypoints(hands, sides, search.found_by, rgb.shape[:2], K, depth)
+        return FoundHands(hands, assign_sides(hands), list(search.found_by), rgb.shape[:2])
+
+    def place(self, found: FoundHands, K: np.ndarray, depth: object = None) -> Keypoints:
+        """Step 3: the found hands in the camera frame of ``K`` (with ``depth``, if given)."""
+        return self._keypoints(found.hands, found.sides, found.found_by, found.shape, K, depth)
 
     def _keypoints(
         self, hands: list[HandLandmarks], sides: list[tuple[int, float]], found_by: list[str],
         shape: tuple[int, int], K: np.ndarray, depth: object,
     ) -> Keypoints:  # fmt: skip
         K = np.asarray(K, np.float64).reshape(3, 3)
+        self.last.hands = []  # placing again (another depth image) replaces the reports
         depth_m, issue = (None, "") if depth is None else as_depth(depth, shape)
         if issue:
             self._warn_once(issue)

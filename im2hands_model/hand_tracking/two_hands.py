@@ -180,10 +180,11 @@ class HandFinder:
             return hands, report
         for region in regions:
             attempt(region)
-        if len(hands) >= 2 or not hands:
-            if not hands:
-                for region in self._mirrored_regions(rgb, report):
-                    attempt(region)
+        if not hands:  # no palm at all: the mirrored image is the last resort
+            for region in self._mirrored_regions(rgb, report):
+                attempt(region)
+            return hands, report
+        if len(hands) >= 2:
             return hands, report
         for proposals in (self._union_regions, self._mirrored_regions, self._beside_regions):
             for region in proposals(rgb, report, hands[0]):
