@@ -29,6 +29,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from im2hands_model.data.render import vertex_color_jitter
+
 __all__ = [
     "BACKGROUND_DIRS",
     "PhotoBackgrounds",
@@ -116,8 +118,6 @@ def forearm_meshes(
     meshes = []
     verts, faces = _tube(centres[:cut], a_axes[:cut], b_axes[:cut], radii[:cut], 20,
                          cap_end=cut == m)  # fmt: skip
-    from im2hands_model.data.render import vertex_color_jitter
-
     meshes.append((verts, faces, np.clip(skin * rng.uniform(0.95, 1.03, 3), 0, 1),
                    vertex_color_jitter(rng, verts, 0.05)))  # fmt: skip
     if cut < m:

@@ -36,6 +36,12 @@ from im2hands_model.data.poses import (
     sample_pose,
     self_intersection_count,
 )
+from im2hands_model.data.realism import (
+    PhotoBackgrounds,
+    camera_effects,
+    forearm_meshes,
+    realism_rng,
+)
 from im2hands_model.data.render import (
     Light,
     Renderer,
@@ -108,11 +114,7 @@ class SceneGenerator:
         #: forearms, photo backgrounds and camera effects (:mod:`.realism`; implies skin cues)
         self.realism = bool(realism)
         self.skin_cues = bool(skin_cues) or self.realism
-        self.backgrounds = None
-        if self.realism:
-            from im2hands_model.data.realism import PhotoBackgrounds
-
-            self.backgrounds = PhotoBackgrounds()
+        self.backgrounds = PhotoBackgrounds() if self.realism else None
         self.renderer = Renderer(self.image_size, self.image_size)
         self.hand = AnnyHand()
         faces_right = self.hand.faces
@@ -240,11 +242,7 @@ class SceneGenerator:
         for h in range(2):
             verts[h] = (verts[h] - centre) @ glob.T + t_cam
             joints[h] = (joints[h] - centre) @ glob.T + t_cam
-        rrng = None
-        if self.realism:
-            from im2hands_model.data.realism import realism_rng
-
-            rrng = realism_rng(seed, index)
+        rrng = realism_rng(seed, index) if self.realism else None
         arrays = self._images(rng, verts, present, K_full, joints, rrng, info)
 
         # 5. occupancy in each hand's normalised box.
@@ -366,8 +364,6 @@ class SceneGenerator:
                 tones[h] = tone
         record: dict = {}
         if rrng is not None and joints is not None:
-            from im2hands_model.data.realism import forearm_meshes
-
             for h in np.flatnonzero(present):
                 arm, record[f"forearm_{h}"] = forearm_meshes(joints[h], rrng, tones[int(h)])
                 meshes += arm
@@ -378,6 +374,8 @@ class SceneGenerator:
         res = int(np.clip(np.ceil(side), 48, size))
         K_res = K_crop.copy()
         K_res[:2] *= res / size
+        # the procedural backgrounds are drawn even when a photograph replaces them: skipping
+        # the draw would shift the scene's random stream, and with it the occupancy samples
         bg = random_background(rng, res, res)
         photo = rrng is not None and self.backgrounds is not None and len(self.backgrounds) > 0
         if photo and rrng.random() < 0.8:
@@ -389,8 +387,6 @@ class SceneGenerator:
         if res != size:
             rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
         if rrng is not None:
-            from im2hands_model.data.realism import camera_effects
-
             rgb, record["camera_crop"] = camera_effects(rgb, rrng)
         out = {"image": rgb, "K": K_crop.astype(np.float32)}
         if self.full_frame:
@@ -403,8 +399,6 @@ class SceneGenerator:
             )  # fmt: skip
             rgb_full = full.rgb
             if rrng is not None:
-                from im2hands_model.data.realism import camera_effects
-
                 rgb_full, record["camera"] = camera_effects(rgb_full, rrng)
             out.update(image_full=rgb_full, K_full=K_full.astype(np.float32),
                        depth_full=np.ascontiguousarray(full.depth, dtype=np.float32))  # fmt: skip
