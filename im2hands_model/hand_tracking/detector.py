@@ -49,6 +49,13 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ regions
+def _box_iou(lo_a: np.ndarray, hi_a: np.ndarray, lo_b: np.ndarray, hi_b: np.ndarray) -> float:
+    """Intersection over union of two axis-aligned boxes given by their corners."""
+    inter = float(np.prod(np.clip(np.minimum(hi_a, hi_b) - np.maximum(lo_a, lo_b), 0, None)))
+    union = float(np.prod(hi_a - lo_a) + np.prod(hi_b - lo_b)) - inter
+    return inter / max(union, 1e-12)
+
+
 @dataclass(frozen=True)
 class Region:
     """A rotated square of the image that the landmark model looks at.
@@ -85,16 +92,7 @@ class Region:
     def iou(self, other: Region) -> float:
         """Overlap of the two regions' axis-aligned bounds (as MediaPipe compares rects)."""
         a, b = self.corners(), other.corners()
-        lo = np.maximum(a.min(0), b.min(0))
-        hi = np.minimum(a.max(0), b.max(0))
-        inter = float(np.prod(np.clip(hi - lo, 0, None)))
-        area = float(np.prod(a.max(0) - a.min(0)) + np.prod(b.max(0) - b.min(0)))
-        return inter / max(area - inter, 1e-9)
-
-    def moved(self, **changes: float | str) -> Region:
-        values = {"cx": self.cx, "cy": self.cy, "size": self.size, "angle": self.angle,
-                  "source": self.source, **changes}  # fmt: skip
-        return Region(**values)  # type: ignore[arg-type]
+        return _box_iou(a.min(0), a.max(0), b.min(0), b.max(0))
 
 
 def warp_region(rgb: np.ndarray, region: Region, side: int) -> np.ndarray:
@@ -185,18 +183,16 @@ def _weighted_nms(palms: list[Palm], iou_threshold: float) -> list[Palm]:
     """MediaPipe's weighted NMS: each cluster of boxes overlapping the best one at IoU >=
     ``iou_threshold`` becomes one palm, its box and keypoints the score-weighted mean."""
 
-    def iou(a: np.ndarray, b: np.ndarray) -> float:
-        lo = np.maximum(a[:2] - a[2:] / 2, b[:2] - b[2:] / 2)
-        hi = np.minimum(a[:2] + a[2:] / 2, b[:2] + b[2:] / 2)
-        inter = float(np.prod(np.clip(hi - lo, 0, None)))
-        return inter / max(float(a[2] * a[3] + b[2] * b[3]) - inter, 1e-12)
+    def iou(a: np.ndarray, b: np.ndarray) -> float:  # boxes as (cx, cy, w, h)
+        return _box_iou(a[:2] - a[2:] / 2, a[:2] + a[2:] / 2, b[:2] - b[2:] / 2, b[:2] + b[2:] / 2)
 
     remaining = sorted(palms, key=lambda p: -p.score)
     kept = []
     while remaining:
         best = remaining[0]
-        cluster = [p for p in remaining if iou(best.box, p.box) >= iou_threshold]
-        remaining = [p for p in remaining if iou(best.box, p.box) < iou_threshold]
+        near = [iou(best.box, p.box) >= iou_threshold for p in remaining]
+        cluster = [p for p, n in zip(remaining, near, strict=True) if n]
+        remaining = [p for p, n in zip(remaining, near, strict=True) if not n]
         w = np.array([p.score for p in cluster])[:, None]
         box = (np.stack([p.box for p in cluster]) * w).sum(0) / w.sum()
         kps = (np.stack([p.keypoints for p in cluster]) * w[:, :, None]).sum(0) / w.sum()

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -205,7 +205,7 @@ class HandFinder:
         out = []
         for p in self.palm(np.ascontiguousarray(rgb[:, ::-1])):
             r = p.region("mirror")
-            out.append(r.moved(cx=width - 1 - r.cx, angle=-r.angle))
+            out.append(replace(r, cx=width - 1 - r.cx, angle=-r.angle))
         return out
 
     def _union_regions(
@@ -235,7 +235,7 @@ class HandFinder:
         c, s = math.cos(r.angle), math.sin(r.angle)
         across = np.array([c, s])  # the region's x axis in the image
         step = 0.45 * r.size
-        out = [r.moved(cx=r.cx + k * step * across[0], cy=r.cy + k * step * across[1])
+        out = [replace(r, cx=r.cx + k * step * across[0], cy=r.cy + k * step * across[1])
                for k in (-1.0, 1.0)]  # fmt: skip
-        out.append(r.moved(angle=r.angle + math.pi, source="across"))
+        out.append(replace(r, angle=r.angle + math.pi, source="across"))
         return out
