@@ -171,11 +171,7 @@ def image_to_rgb(
         raise ConversionError(
             f"unsupported image encoding {enc!r}; supported: {', '.join(SUPPORTED_ENCODINGS)}"
         )
-    h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    if h <= 0 or w <= 0:
-        raise ConversionError(f"empty image ({w}x{h})")
-    if h * w > max_pixels:
-        raise ConversionError(f"image {w}x{h} has more than the {max_pixels} pixels allowed")
+    h, w = _checked_size(msg, max_pixels)
     if enc in _YUV422 and w % 2:
         raise ConversionError(
             f"{enc} image {w}x{h} has an odd width (two pixels share each U and V sample)"
@@ -185,19 +181,9 @@ def image_to_rgb(
             f"{enc} image {w}x{h} has an odd width or height (each 2x2 block shares one U and "
             "V sample)"
         )
-    row = w * bpp
-    if step < row:
-        raise ConversionError(
-            f"step {step} is smaller than a row of {w} {enc} pixels ({row} bytes)"
-        )
     n_rows = h + h // 2 if enc in _YUV420 else h
-    n = len(msg.data)
-    if n < step * n_rows:
-        what = "step * height * 3 / 2" if enc in _YUV420 else "step * height"
-        raise ConversionError(f"data has {n} bytes, expected at least {what} = {step * n_rows}")
-
-    rows = np.frombuffer(msg.data, dtype=np.uint8, count=step * n_rows)
-    rows = rows.reshape(n_rows, step)[:, :row]
+    what = "step * height * 3 / 2" if enc in _YUV420 else "step * height"
+    rows = _pixel_rows(msg, w * bpp, n_rows, what)
     if enc in _CV_CODES:
         return _cv_to_rgb(rows if bpp == 1 else rows.reshape(n_rows, w, bpp), enc)
     if enc == "mono16":
@@ -210,6 +196,30 @@ def image_to_rgb(
         pix = rows.reshape(h, w, bpp)
         rgb = pix[:, :, :3] if enc in ("rgb8", "rgba8") else pix[:, :, 2::-1]
     return np.array(rgb, dtype=np.uint8, order="C", copy=True) if copy else rgb
+
+
+def _checked_size(msg: Image, max_pixels: int) -> tuple[int, int]:
+    """``(height, width)`` of an image message that is neither empty nor too large."""
+    h, w = int(msg.height), int(msg.width)
+    if h <= 0 or w <= 0:
+        raise ConversionError(f"empty image ({w}x{h})")
+    if h * w > max_pixels:
+        raise ConversionError(f"image {w}x{h} has more than the {max_pixels} pixels allowed")
+    return h, w
+
+
+def _pixel_rows(msg: Image, row: int, n_rows: int, what: str) -> np.ndarray:
+    """``uint8 [n_rows, row]`` view of ``msg.data`` without the ``step`` padding; ``what`` names
+    the size the data must have in the error message."""
+    step, n = int(msg.step), len(msg.data)
+    if step < row:
+        raise ConversionError(
+            f"step {step} is smaller than a row of {msg.width} {msg.encoding} pixels ({row} bytes)"
+        )
+    if n < step * n_rows:
+        raise ConversionError(f"data has {n} bytes, expected at least {what} = {step * n_rows}")
+    rows = np.frombuffer(msg.data, dtype=np.uint8, count=step * n_rows)
+    return rows.reshape(n_rows, step)[:, :row]
 
 
 def _cv_to_rgb(pixels: np.ndarray, enc: str) -> np.ndarray:
@@ -341,16 +351,11 @@ def depth_to_array(msg: Image, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nd
     dtypes = {"16UC1": np.dtype(np.uint16), "32FC1": np.dtype(np.float32)}
     if enc not in dtypes:
         raise ConversionError(f"depth encoding must be 16UC1 (mm) or 32FC1 (m), got {enc!r}")
-    h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    if h <= 0 or w <= 0 or h * w > max_pixels:
-        raise ConversionError(f"depth image of {w}x{h} pixels is empty or too large")
+    h, w = _checked_size(msg, max_pixels)
     dtype = dtypes[enc].newbyteorder(">" if msg.is_bigendian else "<")
-    if step < w * dtype.itemsize or len(msg.data) < step * h:
-        raise ConversionError(
-            f"depth image {w}x{h} {enc}: step {step} and {len(msg.data)} bytes do not hold it"
-        )
-    rows = np.frombuffer(bytes(msg.data), np.uint8, count=step * h).reshape(h, step)
-    return rows[:, : w * dtype.itemsize].copy().view(dtype).reshape(h, w).astype(dtypes[enc])
+    rows = _pixel_rows(msg, w * dtype.itemsize, h, "step * height")
+    # an array of its own, in the machine's byte order
+    return np.ascontiguousarray(rows).view(dtype).reshape(h, w).astype(dtypes[enc])
 
 
 def depth_to_image(depth_m: np.ndarray, header: Header, encoding: str = "16UC1") -> Image:
