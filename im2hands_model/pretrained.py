@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from im2hands_model.io import sha256, weights_fingerprint  # noqa: F401 (re-exported)
+from im2hands_model.networks import build_network
 
 #: Folder of the shipped weights.
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -95,28 +96,6 @@ def load_state(
     return state, entry
 
 
-def build_network(stage: str, config: dict, init: nn.Module | None = None) -> nn.Module:
-    """An untrained network of a training ``stage`` from its run config (``model``/``init``)."""
-    model_cfg = dict(config.get("model", {}) or {})
-    if stage == "kpts_pred":
-        from im2hands_model.training.stages.kpts_pred import build_keypoint_predictor
-
-        return build_keypoint_predictor(model_cfg)
-    if stage == "kpts_ref":
-        from im2hands_model.training.stages.kpts_ref import build_keypoint_refiner
-
-        return build_keypoint_refiner(model_cfg)
-    if stage == "init_occ":
-        from im2hands_model.training.stages.init_occ import build_init_occ
-
-        return build_init_occ(model_cfg)
-    if stage == "ref_occ":
-        from im2hands_model.training.stages.ref_occ import build_refined
-
-        return build_refined(config, init=init)
-    raise ValueError(f"unknown stage {stage!r}")
-
-
 def load_pretrained(
     name: str,
     device: str | torch.device = "cpu",
@@ -124,7 +103,7 @@ def load_pretrained(
 ) -> nn.Module:
     """A shipped network in eval mode (see the module docstring for ``name``).
 
-    ``ref_occ`` returns I+R (:class:`~im2hands_model.training.stages.ref_occ.RefinedOccupancy`)
+    ``ref_occ`` returns I+R (:class:`~im2hands_model.networks.ref_occ.RefinedOccupancy`)
     with I loaded from the ``init_occ`` weights.
 
     Raises:

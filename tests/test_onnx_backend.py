@@ -26,6 +26,7 @@ import torch
 # onnx and onnxruntime come with the `dev` extra: no skip when they are missing
 from im2hands_model.hands import to_normalized
 from im2hands_model.networks.init_occ import SKIP_DISTANCE_M
+from im2hands_model.networks.ref_occ import hands_center
 from im2hands_model.pipeline.model import Im2Hands
 from im2hands_model.pipeline.onnx_backend import (
     GRAPHS,
@@ -36,7 +37,6 @@ from im2hands_model.pipeline.onnx_backend import (
     weights_fingerprint,
 )
 from im2hands_model.pretrained import load_pretrained, manifest
-from im2hands_model.training.stages.ref_occ import hands_center
 
 PROB_TOL = 1e-4
 LOGIT_TOL = 1e-3
@@ -319,8 +319,9 @@ def pipelines(cache_root) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("IM2HANDS_CACHE", str(cache_root.parent))  # the default cache: $.../onnx
         return {
-            backend: Im2Hands.from_pretrained(device="cpu", backend=backend, resolution=64,
-                                              keypoint_source="learned")
+            backend: Im2Hands.from_pretrained(
+                device="cpu", backend=backend, resolution=64, keypoint_source="learned"
+            )
             for backend in ("torch", "onnxruntime")
         }
 

@@ -218,6 +218,15 @@ def _evaluate(out: Path, data: Path, extra: list[str]) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+def _rounded(tree: object) -> object:
+    """``tree`` with every float to 5 significant digits (nested dicts and lists)."""
+    if isinstance(tree, dict):
+        return {k: _rounded(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_rounded(v) for v in tree]
+    return float(f"{tree:.5g}") if isinstance(tree, float) else tree
+
+
 def test_evaluate_with_predicted_keypoints_and_parallel_jobs(runs, tiny_dataset_dir, tmp_path):
     ckpts = []
     for name in ("kpts_pred", "kpts_ref", "halo", "init_occ", "ref_occ"):
@@ -228,7 +237,8 @@ def test_evaluate_with_predicted_keypoints_and_parallel_jobs(runs, tiny_dataset_
     two = _evaluate(
         tmp_path / "two", tiny_dataset_dir, [*ckpts, "--jobs", "2", "--cache", str(cache)]
     )
-    assert one["keypoints"] == two["keypoints"]
+    # the same figures; float32 networks in other processes may differ in the last bits
+    assert _rounded(two["keypoints"]) == _rounded(one["keypoints"])
     # --cache: every scene's scores were kept; a second run reuses them and gives the same table
     assert len(list(cache.glob("scene_*.json"))) == 6
     again = _evaluate(tmp_path / "again", tiny_dataset_dir, [*ckpts, "--cache", str(cache)])

@@ -63,6 +63,7 @@ def _uniform(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
 #: bones, and most of a meshing grid is far from the hand.
 SKIP_DISTANCE_M = 0.045
 
+
 class PartLinear(nn.Module):
     """``P`` independent linear layers applied as one batched matmul.
 
@@ -322,6 +323,19 @@ class TwoHandInitialOccupancy(nn.Module):
         encoder: keyword arguments of :class:`~im2hands_model.networks.backbone.ImageEncoder`.
         soft_max_temperature, capsule_prior: see :class:`InitialOccupancy`.
     """
+
+    @classmethod
+    def from_config(cls, model_cfg: dict) -> TwoHandInitialOccupancy:
+        """I from a run config's ``model`` section (missing keys: defaults)."""
+        return cls(
+            image_conditioning=bool(model_cfg.get("image_conditioning", True)),
+            hidden=int(model_cfg.get("hidden", 64)),
+            img_dim=int(model_cfg.get("img_dim", 19)),
+            token_dim=int(model_cfg.get("token_dim", 32)),
+            encoder=dict(model_cfg.get("encoder", {})),
+            soft_max_temperature=model_cfg.get("soft_max_temperature"),
+            capsule_prior=bool(model_cfg.get("capsule_prior", False)),
+        )
 
     def __init__(
         self,

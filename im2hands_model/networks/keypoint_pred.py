@@ -144,6 +144,18 @@ class KeypointPredictor(nn.Module):
 
     SLOT_ORDERS = ("head", "chirality")
 
+    @classmethod
+    def from_config(cls, model_cfg: dict) -> KeypointPredictor:
+        """The predictor from a run config's ``model`` section (missing keys: defaults)."""
+        return cls(
+            encoder=dict(model_cfg.get("encoder", {})),
+            head_dim=int(model_cfg.get("head_dim", 64)),
+            crop_width_m=float(model_cfg.get("crop_width_m", 0.3)),
+            input_size=model_cfg.get("input_size"),
+            free_slots=bool(model_cfg.get("free_slots", False)),
+            slot_order=str(model_cfg.get("slot_order", "head")),
+        )
+
     def __init__(
         self,
         encoder: dict | None = None,

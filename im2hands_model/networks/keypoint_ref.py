@@ -125,6 +125,21 @@ class KeypointRefiner(nn.Module):
         offset_scale: metres per unit of the regressed offsets (0.01: centimetres).
     """
 
+    @classmethod
+    def from_config(cls, model_cfg: dict) -> KeypointRefiner:
+        """K from a run config's ``model`` section (missing keys: defaults)."""
+        use_image = bool(model_cfg.get("use_image", True))
+        return cls(
+            dim=int(model_cfg.get("dim", 64)),
+            layers=int(model_cfg.get("layers", 4)),
+            heads=int(model_cfg.get("heads", 4)),
+            encoder=dict(model_cfg.get("encoder", {})) if use_image else None,
+            use_image=use_image,
+            token_grid=int(model_cfg.get("token_grid", 4)),
+            patch=int(model_cfg.get("patch", 16)),
+            pixel_features=bool(model_cfg.get("pixel_features", True)),
+        )
+
     def __init__(
         self,
         dim: int = 64,

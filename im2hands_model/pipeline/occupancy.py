@@ -24,7 +24,7 @@ from torch import Tensor
 
 from im2hands_model.hands import from_normalized
 from im2hands_model.meshing import synchronize
-from im2hands_model.networks.ref_occ import mesh_anchors
+from im2hands_model.networks.ref_occ import hands_center, mesh_anchors
 
 __all__ = ["InitialField", "RefinedField"]
 
@@ -71,7 +71,7 @@ class RefinedField:
     :func:`~im2hands_model.meshing.band_refined_grid`).
 
     Args:
-        refined: a :class:`~im2hands_model.training.stages.ref_occ.RefinedOccupancy`
+        refined: a :class:`~im2hands_model.networks.ref_occ.RefinedOccupancy`
             (its ``encoder`` and ``refine`` are used; its I is ``init``'s network).
         init: the frame's :class:`InitialField` (same keypoints and crop).
         image: ``[1, 3, S, S]`` crop; init_meshes: I's meshes ``[left, right]`` in the camera
@@ -85,8 +85,6 @@ class RefinedField:
         self.refine, self.init = refined.refine, init
         device = init.joints.device
         anchors, has_mesh = mesh_anchors(init_meshes, self.refine.num_anchors, seed, device)
-        from im2hands_model.training.stages.ref_occ import hands_center
-
         self.present = init.present & has_mesh
         self.feats = refined.encoder(image)
         self.center = hands_center(init.joints, self.present)

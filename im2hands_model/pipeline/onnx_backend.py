@@ -84,7 +84,12 @@ from im2hands_model.networks.init_occ import (
     part_distances,
 )
 from im2hands_model.networks.point_ops import knn
-from im2hands_model.networks.ref_occ import AnchorGraph, RefinementContext
+from im2hands_model.networks.ref_occ import (
+    AnchorGraph,
+    RefinementContext,
+    RefinementState,
+    hands_center,
+)
 from im2hands_model.pipeline.crop import CROP_SIZE
 
 __all__ = [
@@ -913,8 +918,6 @@ class OrtRefinedOccupancy:
                 gen: torch.Generator | None = None) -> Any:  # fmt: skip
         """``RefinedOccupancy.prepare`` with given ``anchors`` (camera frame, on I's surface);
         the training-time anchor search among ``candidates_norm`` is not offered."""
-        from im2hands_model.training.stages.ref_occ import RefinementState, hands_center
-
         if anchors is None:
             raise ValueError("the ONNX I+R prepares with anchors= only (no candidate search)")
         poses, init_ctx = self.init.poses(joints), self.init.encode(image)

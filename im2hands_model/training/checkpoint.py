@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from im2hands_model.io import atomic_write  # noqa: F401 (re-exported: training's writers use it)
+from im2hands_model.networks import build_network
 
 FORMAT_VERSION = 1
 LAST = "last.pt"
@@ -232,15 +233,13 @@ def load_trained_network(
     """``(stage, run config, network with the run's weights)`` from a training checkpoint.
 
     The network is built from the run's own config
-    (:func:`im2hands_model.pretrained.build_network`), so no other checkpoint the run started
+    (:func:`im2hands_model.networks.build_network`), so no other checkpoint the run started
     from is read; the weights are loaded strictly, with ``weights_only=True``.
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: not a checkpoint, an unknown stage, or not ``expected_stage``.
     """
-    from im2hands_model.pretrained import build_network
-
     ckpt = load_checkpoint(path)
     cfg = ckpt.get("config") or {}
     stage = cfg.get("stage") or ckpt.get("stage")

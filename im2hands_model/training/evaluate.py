@@ -54,10 +54,9 @@ from im2hands_model.evaluation import (
 from im2hands_model.meshing import THRESHOLD_I, THRESHOLD_R, Mesh
 from im2hands_model.metrics import joint_errors_mm
 from im2hands_model.networks.init_occ import EMPTY_LOGIT, SKIP_DISTANCE_M
-from im2hands_model.networks.ref_occ import mesh_anchors
+from im2hands_model.networks.ref_occ import mesh_anchors, own_points
 from im2hands_model.training.checkpoint import load_trained_network
 from im2hands_model.training.stages.occupancy_common import mesh_scene
-from im2hands_model.training.stages.ref_occ import own_points
 
 #: Layouts where the hands touch or interlock (the second table of results.md).
 INTERACTING_LAYOUTS = ("clasped", "crossed", "touching")

@@ -46,19 +46,6 @@ from im2hands_model.training.stages.occupancy_common import (
 )
 
 
-def build_init_occ(model_cfg: dict) -> TwoHandInitialOccupancy:
-    """The I network from a config's ``model`` section."""
-    return TwoHandInitialOccupancy(
-        image_conditioning=bool(model_cfg.get("image_conditioning", True)),
-        hidden=int(model_cfg.get("hidden", 64)),
-        img_dim=int(model_cfg.get("img_dim", 19)),
-        token_dim=int(model_cfg.get("token_dim", 32)),
-        encoder=dict(model_cfg.get("encoder", {})),
-        soft_max_temperature=model_cfg.get("soft_max_temperature"),
-        capsule_prior=bool(model_cfg.get("capsule_prior", False)),
-    )
-
-
 class InitOccStage:
     """Trains :class:`~im2hands_model.networks.init_occ.TwoHandInitialOccupancy`."""
 
@@ -74,7 +61,7 @@ class InitOccStage:
             raise ValueError(f"data.points_per_hand must be positive, got {self.points}")
 
     def build_model(self, device: torch.device) -> nn.Module:
-        return build_init_occ(self.cfg.get("model", {})).to(device)
+        return TwoHandInitialOccupancy.from_config(self.cfg.get("model", {})).to(device)
 
     def _logits(self, model: nn.Module, batch: dict[str, Tensor], points: Tensor) -> Tensor:
         return model(

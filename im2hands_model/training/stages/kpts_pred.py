@@ -58,18 +58,6 @@ PRED_COLOUR = (235, 40, 40)
 INPUT_COLOUR = (60, 120, 255)
 
 
-def build_keypoint_predictor(model_cfg: dict) -> KeypointPredictor:
-    """The predictor from a config's ``model`` section."""
-    return KeypointPredictor(
-        encoder=dict(model_cfg.get("encoder", {})),
-        head_dim=int(model_cfg.get("head_dim", 64)),
-        crop_width_m=float(model_cfg.get("crop_width_m", 0.3)),
-        input_size=model_cfg.get("input_size"),
-        free_slots=bool(model_cfg.get("free_slots", False)),
-        slot_order=str(model_cfg.get("slot_order", "head")),
-    )
-
-
 def load_keypoint_predictor(path: str | os.PathLike) -> KeypointPredictor:
     """A trained predictor from a ``kpts_pred`` checkpoint (read with ``weights_only=True``),
     in eval mode with its parameters frozen."""
@@ -183,7 +171,7 @@ class KptsPredStage:
         self.geometric = geometric_options(cfg)
 
     def build_model(self, device: torch.device) -> nn.Module:
-        return build_keypoint_predictor(self.model_cfg).to(device)
+        return KeypointPredictor.from_config(self.model_cfg).to(device)
 
     def loss(
         self, model: nn.Module, batch: dict[str, Tensor], gen: torch.Generator

@@ -64,21 +64,6 @@ DEFAULT_LOSS: dict[str, float] = {
 }
 
 
-def build_keypoint_refiner(model_cfg: dict) -> KeypointRefiner:
-    """K from a config's ``model`` section."""
-    use_image = bool(model_cfg.get("use_image", True))
-    return KeypointRefiner(
-        dim=int(model_cfg.get("dim", 64)),
-        layers=int(model_cfg.get("layers", 4)),
-        heads=int(model_cfg.get("heads", 4)),
-        encoder=dict(model_cfg.get("encoder", {})) if use_image else None,
-        use_image=use_image,
-        token_grid=int(model_cfg.get("token_grid", 4)),
-        patch=int(model_cfg.get("patch", 16)),
-        pixel_features=bool(model_cfg.get("pixel_features", True)),
-    )
-
-
 def _project(joints: Tensor, K: Tensor) -> Tensor:
     """``[B, 2, 21, 3]`` -> pixels ``[B, 2, 21, 2]``."""
     b = joints.shape[0]
@@ -113,7 +98,7 @@ class KptsRefStage:
     def build_model(self, device: torch.device) -> nn.Module:
         if self.predictor_path:
             self.predictor = load_keypoint_predictor(self.predictor_path).to(device)
-        return build_keypoint_refiner(self.model_cfg).to(device)
+        return KeypointRefiner.from_config(self.model_cfg).to(device)
 
     @torch.no_grad()
     def _predicted(self, batch: dict[str, Tensor]) -> Tensor:
