@@ -124,11 +124,10 @@ def test_capsule_prior_starts_from_a_plausible_hand(batch):
 def test_nearest_parts_culling_matches_all_parts_near_the_hand():
     """Inference part culling (each point's k nearest parts) on the shipped I: all 16 parts give
     exactly the dense logits; 4 parts agree to 1e-2 in probability near the hand."""
-    from im2hands_model.networks.init_occ import EMPTY_LOGIT
+    from im2hands_model.networks.init_occ import EMPTY_LOGIT, Shortcuts
     from im2hands_model.pretrained import load_pretrained
 
     net = load_pretrained("init_occ")
-    net.skip_distance = 0.045
     joints = stand_in_joints()[None].repeat(2, 1, 1)[None] + torch.tensor([0.0, 0.0, 0.5])
     joints[0, 0, :, 0] -= 0.1
     gen = torch.Generator().manual_seed(0)
@@ -137,11 +136,10 @@ def test_nearest_parts_culling_matches_all_parts_near_the_hand():
     K = torch.tensor([[[500.0, 0, 128], [0, 500.0, 128], [0, 0, 1]]])
     with torch.no_grad():
         ctx = net.encode(image)
-        dense = net.forward_normalized(pts, joints, K, ctx)
+        dense = net.forward_normalized(pts, joints, K, ctx, shortcuts=Shortcuts(0.045))
         out = {}
         for k in (16, 4):
-            net.cull_parts = k
-            out[k] = net.forward_normalized(pts, joints, K, ctx)
+            out[k] = net.forward_normalized(pts, joints, K, ctx, shortcuts=Shortcuts(0.045, k))
     near = dense > EMPTY_LOGIT
     assert near.float().mean() > 0.2
     torch.testing.assert_close(out[16], dense)

@@ -266,7 +266,7 @@ def _onnx_outputs(net, image: torch.Tensor, K: torch.Tensor, path) -> list[np.nd
     """(joints, handedness logits) of ``net`` exported to ONNX and run by ONNX Runtime."""
     import onnxruntime as ort
 
-    from im2hands_model.pipeline import onnx_backend
+    from im2hands_model.pipeline.onnx_backend import export as onnx_backend
 
     opset = onnx_backend.DEFAULT_OPSET
     torch.onnx.register_custom_op_symbolic("aten::linalg_inv", onnx_backend._inverse, opset)

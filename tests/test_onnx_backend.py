@@ -25,7 +25,7 @@ import torch
 
 # onnx and onnxruntime come with the `dev` extra: no skip when they are missing
 from im2hands_model.hands import to_normalized
-from im2hands_model.networks.init_occ import SKIP_DISTANCE_M
+from im2hands_model.networks.init_occ import SKIP_DISTANCE_M, Shortcuts
 from im2hands_model.networks.ref_occ import hands_center
 from im2hands_model.pipeline.model import Im2Hands
 from im2hands_model.pipeline.onnx_backend import (
@@ -56,10 +56,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def nets() -> dict:
-    out = {name: load_pretrained(name) for name in ("kpts_pred", "kpts_ref", "halo", "ref_occ")}
-    for net in (out["halo"], out["ref_occ"].init):
-        net.skip_distance = SKIP_DISTANCE_M
-    return out
+    return {name: load_pretrained(name) for name in ("kpts_pred", "kpts_ref", "halo", "ref_occ")}
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +147,7 @@ def test_cached_export_is_reused_and_providers_can_be_forced(nets, cache_root, o
     session = ort["kpts_pred"].session.session
     assert session.get_providers() == ["CPUExecutionProvider"]
     forced = onnx_networks(nets, "cpu", cache_dir=cache_root, providers=["CPUExecutionProvider"])
-    assert forced["halo"].hand_sessions[0].session.get_providers() == ["CPUExecutionProvider"]
+    assert forced["halo"].kernel.sessions[0].session.get_providers() == ["CPUExecutionProvider"]
 
 
 def test_image_graphs_reject_other_sizes(ort):
@@ -197,32 +194,24 @@ def test_initial_encoder_matches_torch(nets, ort, batch):
 def test_hand_graphs_match_torch_for_any_point_count(nets, ort, batch, name, skip):
     net = nets["ref_occ"].init if name == "init" else nets["halo"]
     drop_in = ort["ref_occ"].init if name == "init" else ort["halo"]
-    distance = SKIP_DISTANCE_M if skip else None
-    net.skip_distance = drop_in.skip_distance = distance
-    cull, drop_in_cull = net.cull_parts, drop_in.cull_parts
-    # the graphs run every part: compare with the exact, unculled I (with culling on, the CPU
-    # drop-in hands I's part MLPs to torch, see test_culled_i_runs_in_torch_on_onnx_tokens)
-    net.cull_parts = drop_in.cull_parts = None
-    try:
-        ctx = net.encode(batch["image"])  # the same context for both: this tests the hands
-        poses = net.poses(batch["joints"])
-        inside = 0
-        for q in POINT_COUNTS:
-            points = _points_near_hands(batch, poses, q, seed=q)
-            args = (points, batch["joints"], batch["K"], ctx, batch["present"], poses)
-            ref = net.forward_normalized(*args)
-            out = drop_in.forward_normalized(*args)
-            assert out.shape == ref.shape == (2, 2, q)
-            assert _max_diff(out, ref) < LOGIT_TOL
-            assert _max_diff(torch.sigmoid(out), torch.sigmoid(ref)) < PROB_TOL
-            inside += int((ref > 0).sum())
-            one = drop_in.forward_normalized(*args, hand=1)
-            assert torch.equal(one[:, 1], out[:, 1]) and bool((one[:, 0] == -20.0).all())
-        assert inside > 1000  # the comparison covers the hands' insides too
-    finally:
-        net.skip_distance = SKIP_DISTANCE_M
-        drop_in.skip_distance = SKIP_DISTANCE_M
-        net.cull_parts, drop_in.cull_parts = cull, drop_in_cull
+    # the graphs run every part: compare with the exact, unculled I (with culling asked for, the
+    # CPU drop-in hands I's part MLPs to torch, see test_culled_i_runs_in_torch_on_onnx_tokens)
+    shortcuts = Shortcuts(SKIP_DISTANCE_M if skip else None)
+    ctx = net.encode(batch["image"])  # the same context for both: this tests the hands
+    poses = net.poses(batch["joints"])
+    inside = 0
+    for q in POINT_COUNTS:
+        points = _points_near_hands(batch, poses, q, seed=q)
+        args = (points, batch["joints"], batch["K"], ctx, batch["present"], poses)
+        ref = net.forward_normalized(*args, shortcuts=shortcuts)
+        out = drop_in.forward_normalized(*args, shortcuts=shortcuts)
+        assert out.shape == ref.shape == (2, 2, q)
+        assert _max_diff(out, ref) < LOGIT_TOL
+        assert _max_diff(torch.sigmoid(out), torch.sigmoid(ref)) < PROB_TOL
+        inside += int((ref > 0).sum())
+        one = drop_in.forward_normalized(*args, hand=1, shortcuts=shortcuts)
+        assert torch.equal(one[:, 1], out[:, 1]) and bool((one[:, 0] == -20.0).all())
+    assert inside > 1000  # the comparison covers the hands' insides too
 
 
 @torch.no_grad()
@@ -230,16 +219,13 @@ def test_culled_i_runs_in_torch_on_onnx_tokens(nets, ort, batch):
     """With part culling (the pipeline's default) the CPU drop-in runs I's part MLPs in torch,
     on the ONNX encoder's tokens: the same logits as the torch network with culling."""
     net, drop_in = nets["ref_occ"].init, ort["ref_occ"].init
-    saved = (net.cull_parts, drop_in.cull_parts)
-    net.cull_parts = drop_in.cull_parts = 4
-    try:
-        ctx = drop_in.encode(batch["image"])
-        poses = net.poses(batch["joints"])
-        points = _points_near_hands(batch, poses, 2000, seed=3)
-        args = (points, batch["joints"], batch["K"], ctx, batch["present"], poses)
-        assert torch.equal(drop_in.forward_normalized(*args), net.forward_normalized(*args))
-    finally:
-        net.cull_parts, drop_in.cull_parts = saved
+    shortcuts = Shortcuts(SKIP_DISTANCE_M, 4)
+    ctx = drop_in.encode(batch["image"])
+    poses = net.poses(batch["joints"])
+    points = _points_near_hands(batch, poses, 2000, seed=3)
+    args = (points, batch["joints"], batch["K"], ctx, batch["present"], poses)
+    assert torch.equal(drop_in.forward_normalized(*args, shortcuts=shortcuts),
+                       net.forward_normalized(*args, shortcuts=shortcuts))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- R

@@ -70,6 +70,25 @@ def test_same_frame_gives_the_same_meshes(model, frames):
         np.testing.assert_array_equal(ha.mesh.vertices, hb.mesh.vertices)
 
 
+def test_pipelines_with_different_shortcuts_share_one_set_of_networks(model, frames):
+    """Inference options travel with each call, not on the shared networks: a pipeline that
+    culls no parts, run in between, leaves the default pipeline's meshes exactly as they were,
+    and its own meshes differ (so the option really reached I)."""
+    frame = frames[1]
+    before = model(frame.image, frame.K, keypoints=frame.keypoints)
+    exact = model.configured(cull_parts=None)
+    assert exact.nets is model.nets
+    unculled = exact(frame.image, frame.K, keypoints=frame.keypoints)
+    after = model(frame.image, frame.K, keypoints=frame.keypoints)
+    for hb, ha, hu in zip(before.hands, after.hands, unculled.hands, strict=True):
+        np.testing.assert_array_equal(hb.mesh.vertices, ha.mesh.vertices)
+        assert hu.mesh.vertices.shape != hb.mesh.vertices.shape or not np.array_equal(
+            hu.mesh.vertices, hb.mesh.vertices
+        )
+    for net in (model.nets["halo"], model.nets["ref_occ"].init):
+        assert not hasattr(net, "skip_distance") and not hasattr(net, "cull_parts")
+
+
 def test_switches_select_the_stages(model, frames):
     frame = frames[0]
     halo = model.configured(use_image=False)(frame.image, frame.K, keypoints=frame.keypoints)

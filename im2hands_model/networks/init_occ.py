@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -59,9 +60,41 @@ def _uniform(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
 
 
 #: Points farther than this from every bone of a hand are empty for it (not run through I at
-#: inference, :attr:`InitialOccupancy.skip_distance`): hand surfaces lie within ~3 cm of their
-#: bones, and most of a meshing grid is far from the hand.
+#: inference, :attr:`Shortcuts.skip_distance`): hand surfaces lie within ~3 cm of their bones,
+#: and most of a meshing grid is far from the hand.
 SKIP_DISTANCE_M = 0.045
+
+
+@dataclass(frozen=True)
+class Shortcuts:
+    """Inference shortcuts of I, passed to each call (never stored on the network, so pipelines
+    with different settings can share one network).
+
+    Attributes:
+        skip_distance: points farther than this (metres) from every bone of a hand get
+            :data:`EMPTY_LOGIT` without running the network (``None``: every point runs).
+        cull_parts: each point's logit is the maximum over its ``cull_parts`` nearest parts only
+            (``None``: all 16); applies to the points that run.
+    """
+
+    skip_distance: float | None = None
+    cull_parts: int | None = None
+
+
+#: No shortcut: every part MLP at every point (training, the paper's reference protocol).
+EXACT = Shortcuts()
+
+
+class HandKernel(Protocol):
+    """One hand's occupancy network on the points of one scene: what a backend swaps.
+
+    ``(hand, points [1, n, 3] (mirrored if left), pose (one scene), query_pos [1, n, 3] or None,
+    tokens [1, T, D] or None, part distances [1, 16, n], cull_parts) -> logits [1, n]``.
+    """
+
+    def __call__(self, hand: int, points: Tensor, pose: HandPose, query_pos: Tensor | None,
+                 tokens: Tensor | None, dist: Tensor, cull_parts: int | None,
+                 ) -> Tensor: ...  # fmt: skip
 
 
 class PartLinear(nn.Module):
@@ -359,12 +392,6 @@ class TwoHandInitialOccupancy(nn.Module):
         else:
             self.encoder, self.tokenizer, self.attention = None, None, None
             img_dim = 0
-        #: Inference-time empty-space skipping distance in metres (None: off); see
-        #: :meth:`forward_normalized`. Hand surfaces lie within ~3 cm of their bones.
-        self.skip_distance: float | None = None
-        #: Inference-time part culling with :attr:`skip_distance` (None: all 16 parts): each
-        #: point's logit is the maximum over its ``cull_parts`` nearest parts only.
-        self.cull_parts: int | None = None
         self.hands = nn.ModuleList(
             [
                 InitialOccupancy(hidden, img_dim, soft_max_temperature, capsule_prior)
@@ -395,24 +422,33 @@ class TwoHandInitialOccupancy(nn.Module):
         poses: list[HandPose] | None = None,
         return_parts: bool = False,
         hand: int | None = None,
+        shortcuts: Shortcuts = EXACT,
+        kernel: HandKernel | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits ``[B, 2, Q]`` at points ``[B, 2, Q, 3]`` in each hand's own normalised space.
 
-        With ``hand`` (0 or 1) only that hand's network runs; the other row is
-        :data:`EMPTY_LOGIT`.
-
-        With :attr:`skip_distance` set (inference only; metres), points farther than that from every
-        bone are not run through the network and get :data:`EMPTY_LOGIT`: most of a meshing grid
-        is empty space far from the hand.
+        This is the one two-hand orchestration of I (mirroring, query positions, empty-space
+        skipping, presence); the per-hand network is :meth:`hand_kernel` or a given ``kernel``
+        (e.g. an ONNX Runtime session, :class:`HandKernel`).
 
         ``points_norm[:, h]`` uses hand ``h``'s root frame from ``joints`` *without* mirroring (the
-        dataset's ``occ_points``). Absent hands (``present [B, 2]`` False) and hands with invalid
-        keypoints get :data:`EMPTY_LOGIT`. With ``return_parts`` also the per-part logits
-        ``[B, 2, 16, Q]`` (for the part-assignment loss).
+        dataset's ``occ_points``). With ``hand`` (0 or 1) only that hand's network runs; the other
+        row is :data:`EMPTY_LOGIT`. Absent hands (``present [B, 2]`` False) and hands with invalid
+        keypoints get :data:`EMPTY_LOGIT`. ``shortcuts`` apply without gradients only (inference).
+        With ``return_parts`` also the per-part logits ``[B, 2, 16, Q]`` (for the part-assignment
+        loss; all parts batched, no shortcuts).
         """
+        if return_parts and kernel is not None:
+            raise ValueError("return_parts needs the torch part MLPs (no kernel)")
         poses = poses or self.poses(joints)
+        # Scene by scene through a kernel when points are skipped or a backend runs them;
+        # otherwise all scenes and parts in one batched call (training).
+        per_scene = kernel is not None or (
+            shortcuts != EXACT and not return_parts and not torch.is_grad_enabled()
+        )
         out, parts_out = [], []
         for h, pose in enumerate(poses):
+            keep = pose.valid if present is None else pose.valid & present[:, h]
             if hand is not None and h != hand:
                 out.append(points_norm.new_full(points_norm.shape[:1] + points_norm.shape[2:3],
                                                 EMPTY_LOGIT))  # fmt: skip
@@ -426,18 +462,29 @@ class TwoHandInitialOccupancy(nn.Module):
                     raise ValueError("image-conditioned I needs K and the image context")
                 cam = from_normalized(points_norm[:, h], pose.rot, pose.origin)
                 qpos = self.query_position(cam, pose, K, ctx)
-            if self.skip_distance is not None and not return_parts and not torch.is_grad_enabled():
-                logits = self._near_only(h, p, pose, qpos, ctx)
+            if per_scene:
+                logits = self._per_scene(h, p, pose, qpos, ctx, keep, shortcuts,
+                                         kernel or self.hand_kernel)  # fmt: skip
             else:
                 img = None if qpos is None else self.attention[h](qpos, ctx.tokens)
                 parts = self.hands[h].part_logits(p, pose, img)
                 logits = self.hands[h].reduce_parts(parts)
                 parts_out.append(parts)
-            keep = pose.valid if present is None else pose.valid & present[:, h]
             out.append(torch.where(keep[:, None], logits, logits.new_full((), EMPTY_LOGIT)))
         if return_parts:
             return torch.stack(out, 1), torch.stack(parts_out, 1)
         return torch.stack(out, 1)
+
+    def hand_kernel(self, hand: int, points: Tensor, pose: HandPose, query_pos: Tensor | None,
+                    tokens: Tensor | None, dist: Tensor, cull_parts: int | None,
+                    ) -> Tensor:  # fmt: skip
+        """The torch :class:`HandKernel`: query attention, then the part MLPs (all 16, or each
+        point's ``cull_parts`` nearest)."""
+        feat = None if query_pos is None else self.attention[hand](query_pos, tokens)
+        net = self.hands[hand]
+        if cull_parts:
+            return net.nearest_parts_logits(points, pose, feat, cull_parts, dist)
+        return net.reduce_parts(net.part_logits(points, pose, feat, dist))
 
     def forward(
         self,
@@ -449,6 +496,7 @@ class TwoHandInitialOccupancy(nn.Module):
         image: Tensor | None = None,
         normalized: bool = False,
         return_parts: bool = False,
+        shortcuts: Shortcuts = EXACT,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits ``[B, 2, Q]``: hand ``h``'s occupancy at ``queries[:, h]`` ``[B, 2, Q, 3]``.
 
@@ -463,41 +511,42 @@ class TwoHandInitialOccupancy(nn.Module):
             image: ``[B, 3, H, W]`` crop in [0, 1], used when ``ctx`` is None.
             normalized: ``queries`` are in normalised space (see :meth:`forward_normalized`).
             return_parts: also return the part logits ``[B, 2, 16, Q]``.
+            shortcuts: inference shortcuts (:class:`Shortcuts`).
         """
         if ctx is None and self.image_conditioning:
             ctx = self.encode(image)
         poses = self.poses(joints)
         if normalized:
-            return self.forward_normalized(queries, joints, K, ctx, present, poses, return_parts)
+            return self.forward_normalized(queries, joints, K, ctx, present, poses, return_parts,
+                                           shortcuts=shortcuts)  # fmt: skip
         norm = torch.stack(
             [to_normalized(queries[:, h], poses[h].rot, poses[h].origin) for h in range(2)], 1
         )
-        return self.forward_normalized(norm, joints, K, ctx, present, poses, return_parts)
+        return self.forward_normalized(norm, joints, K, ctx, present, poses, return_parts,
+                                       shortcuts=shortcuts)
 
-    def _near_only(
-        self, h: int, p: Tensor, pose: HandPose, qpos: Tensor | None, ctx: ImageContext | None
-    ) -> Tensor:
-        """Logits ``[B, Q]``, running the network (and the image attention) only on points near
-        the hand's bones; with :attr:`cull_parts`, only on each point's nearest parts."""
-        limit = self.skip_distance / NORM_SCALE
+    def _per_scene(self, h: int, p: Tensor, pose: HandPose, qpos: Tensor | None,
+                   ctx: ImageContext | None, keep: Tensor, shortcuts: Shortcuts,
+                   kernel: HandKernel) -> Tensor:  # fmt: skip
+        """Logits ``[B, Q]`` of hand ``h``, one scene at a time: only the points near its bones
+        (all with no :attr:`Shortcuts.skip_distance`) of kept scenes go through ``kernel``."""
         dist = part_distances(p, pose.joints_norm)  # [B, 16, Q]: also the capsule priors' input
-        near = dist.min(1).values <= limit  # [B, Q]
+        if shortcuts.skip_distance is None:
+            near = torch.ones(dist.shape[0], dist.shape[2], dtype=torch.bool, device=p.device)
+        else:
+            near = dist.min(1).values <= shortcuts.skip_distance / NORM_SCALE  # [B, Q]
         out = p.new_full(near.shape, EMPTY_LOGIT)
-        for b in range(p.shape[0]):  # one scene at a time: each keeps its own near points
+        for b in range(p.shape[0]):
             idx = near[b].nonzero()[:, 0]
-            if idx.numel() == 0:
+            if idx.numel() == 0 or not bool(keep[b]):
                 continue
             sub = HandPose(*(getattr(pose, f)[b : b + 1] for f in HandPose.__dataclass_fields__))
-            feat = None
-            if qpos is not None:
-                feat = self.attention[h](qpos[b : b + 1, idx], ctx.tokens[b : b + 1])
-            pts, d = p[b : b + 1, idx], dist[b : b + 1, :, idx]
-            net = self.hands[h]
-            if self.cull_parts:
-                val = net.nearest_parts_logits(pts, sub, feat, self.cull_parts, d)
-            else:
-                val = net.reduce_parts(net.part_logits(pts, sub, feat, d))
-            out[b, idx] = val[0]
+            val = kernel(
+                h, p[b : b + 1, idx], sub, None if qpos is None else qpos[b : b + 1, idx],
+                None if ctx is None else ctx.tokens[b : b + 1], dist[b : b + 1, :, idx],
+                shortcuts.cull_parts,
+            )  # fmt: skip
+            out[b, idx] = val[0].to(out.dtype)
         return out
 
     @staticmethod

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -56,12 +56,14 @@ from torch import Tensor, nn
 
 from im2hands_model.hands import NORM_SCALE, from_normalized, to_normalized
 from im2hands_model.networks.backbone import ImageEncoder, ImageFeatures, pixel_aligned
-from im2hands_model.networks.init_occ import TwoHandInitialOccupancy
+from im2hands_model.networks.init_occ import EXACT, Shortcuts, TwoHandInitialOccupancy
 from im2hands_model.networks.point_ops import farthest_point_sample, gather_points, knn
 
 __all__ = [
     "AnchorGraph",
+    "RefinedOccupancy",
     "RefinementContext",
+    "RefinementKernels",
     "TwoHandRefinement",
     "mesh_anchors",
     "penetration_loss",
@@ -108,6 +110,30 @@ class AnchorGraph:
     down2: Tensor
     pool2: Tensor
     knn2: Tensor
+
+
+class RefinementKernels(Protocol):
+    """R's three weighted computations, which a backend swaps (e.g. ONNX Runtime sessions);
+    :class:`TwoHandRefinement` does everything around them (checks, normalisation, the anchor
+    graph, each query's neighbours) and is its own default.
+
+    * ``encode_anchors(anchors [B, 2, A, 3] camera frame with absent hands at the centre,
+      present [B, 2], K, center [B, 3], feats, graph) -> RefinementContext``
+    * ``decode_features(queries [B, H, Q, 3] or shared [B, Q, 3], neighbours [B*H, Q, k], ctx, K,
+      feats, center) -> [B, H, Q, D]``
+    * ``decode_head(features [B, H, Q, D], init_logits [B, H, Q], present [B, H]) -> [B, H, Q]``
+    """
+
+    def encode_anchors(self, anchors: Tensor, present: Tensor, K: Tensor, center: Tensor,
+                       feats: ImageFeatures | None, graph: AnchorGraph,
+                       ) -> RefinementContext: ...  # fmt: skip
+
+    def decode_features(self, queries: Tensor, neighbours: Tensor, ctx: RefinementContext,
+                        K: Tensor, feats: ImageFeatures | None, center: Tensor,
+                        ) -> Tensor: ...  # fmt: skip
+
+    def decode_head(self, features: Tensor, init_logits: Tensor, present: Tensor
+                    ) -> Tensor: ...  # fmt: skip
 
 
 def _mlp(*sizes: int, last_act: bool = False) -> nn.Sequential:
@@ -334,6 +360,7 @@ class TwoHandRefinement(nn.Module):
         feats: ImageFeatures | None,
         center: Tensor,
         graph: AnchorGraph | None = None,
+        kernels: RefinementKernels | None = None,
     ) -> RefinementContext:
         """Encode both hands' anchors and the image once.
 
@@ -343,8 +370,9 @@ class TwoHandRefinement(nn.Module):
             K: ``[B, 3, 3]`` crop intrinsics.
             feats: R's own image features (``None`` = no image: zero features).
             center: ``[B, 3]`` common centre (camera frame, metres).
-            graph: the anchors' :meth:`anchor_graph`, when the caller computed it already
-                (the ONNX export passes it in: farthest-point sampling is a loop).
+            graph: the anchors' :meth:`anchor_graph`, when the caller computed it already.
+            kernels: who runs the weighted part (:class:`RefinementKernels`; default: this
+                network's own layers).
 
         Returns:
             :class:`RefinementContext`.
@@ -364,12 +392,20 @@ class TwoHandRefinement(nn.Module):
             raise ValueError("anchors of a present hand contain NaN/inf")
         # Absent hands: anchors at the centre (normalised zero), so nothing downstream is NaN.
         cam = torch.where(p, anchors, center[:, None, None, :].to(anchors.dtype))
+        if graph is None:
+            graph = self.anchor_graph(self._normalize(cam, center).reshape(b * 2, a, 3))
+        return (kernels or self).encode_anchors(cam, present, K, center, feats, graph)
+
+    def encode_anchors(self, anchors: Tensor, present: Tensor, K: Tensor, center: Tensor,
+                       feats: ImageFeatures | None, graph: AnchorGraph,
+                       ) -> RefinementContext:  # fmt: skip
+        """The anchor encoder (a :class:`RefinementKernels` step) on checked inputs: absent
+        hands' anchors already at ``center``, the :class:`AnchorGraph` given."""
+        cam = anchors
+        b, _, a, _ = cam.shape
         pos = self._normalize(cam, center)  # [B, 2, A, 3]
         m = b * 2
         pos0 = pos.reshape(m, a, 3)
-        if graph is None:
-            graph = self.anchor_graph(pos0)
-
         pix = self._pixel_features(feats, cam.reshape(b, 2 * a, 3), K)
         pix = pix.reshape(b, 2, a, self.image_channels)
         onehot = torch.eye(2, dtype=pos.dtype, device=pos.device)[None, :, None, :]
@@ -420,6 +456,7 @@ class TwoHandRefinement(nn.Module):
         hand: int | None = None,
         neighbours: Tensor | None = None,
         return_features: bool = False,
+        kernels: RefinementKernels | None = None,
     ) -> Tensor:
         """Refined logits of both hands at the queries.
 
@@ -434,10 +471,11 @@ class TwoHandRefinement(nn.Module):
             hand: score only this hand (0 or 1): ``queries [B, 1, Q, 3]``,
                 ``init_logits [B, 1, Q]``, result ``[B, 1, Q]``.
             neighbours: each query's ``k_dec`` nearest anchors of its hand ``[B * H, Q, k]``
-                (``H`` hands scored), when the caller computed them already (the ONNX export
-                passes them in); ``None``: computed here.
+                (``H`` hands scored), when the caller computed them already; ``None``: here.
             return_features: return the smooth decoder features ``[B, H, Q, D]`` instead,
                 for :meth:`decode_head`.
+            kernels: who runs the weighted parts (:class:`RefinementKernels`; default: this
+                network's own layers).
 
         Returns:
             ``[B, 2, Q]`` refined logits (= ``init_logits`` for absent hands).
@@ -462,15 +500,32 @@ class TwoHandRefinement(nn.Module):
             return init_logits.clone()
         if not bool(torch.isfinite(queries).all()):
             raise ValueError("queries contain NaN/inf")
+        if neighbours is None:
+            a = ctx.anchors.shape[2]
+            qpos = self._normalize(queries, center)  # [B, Q, 3] or [B, nh, Q, 3]
+            qpos = (qpos if per_hand else qpos[:, None].expand(b, nh, q, 3)).reshape(b * nh, q, 3)
+            _, neighbours = knn(qpos, ctx.anchors.reshape(b * nh, a, 3), min(self.k_dec, a))
+        run = kernels or self
+        smooth = run.decode_features(queries, neighbours, ctx, K, feats, center)
+        if return_features:
+            return smooth
+        return run.decode_head(smooth, init_logits, ctx.present)
+
+    def decode_features(self, queries: Tensor, neighbours: Tensor, ctx: RefinementContext,
+                        K: Tensor, feats: ImageFeatures | None, center: Tensor,
+                        ) -> Tensor:  # fmt: skip
+        """The decoder up to its head (a :class:`RefinementKernels` step): smooth features
+        ``[B, H, Q, D]`` of checked queries ``[B, H, Q, 3]`` (or shared ``[B, Q, 3]``) whose
+        ``neighbours [B * H, Q, k]`` among their hand's anchors are given."""
+        nh = ctx.latent.shape[1]
+        per_hand = queries.dim() == 4
+        b, q = queries.shape[0], queries.shape[-2]
         a = ctx.anchors.shape[2]
         m = b * nh
         qpos = self._normalize(queries, center)  # [B, Q, 3] or [B, nh, Q, 3]
         qpos2 = (qpos if per_hand else qpos[:, None].expand(b, nh, q, 3)).reshape(m, q, 3)
         apos = ctx.anchors.reshape(m, a, 3)
-        if neighbours is None:
-            _, idx = knn(qpos2, apos, min(self.k_dec, a))  # [M, Q, k]
-        else:
-            idx = neighbours
+        idx = neighbours
 
         latent = ctx.latent  # [B, 2, L]
         tok = self.query_pos(qpos2).reshape(b, nh, q, -1) + self.query_latent(latent)[:, :, None]
@@ -483,10 +538,7 @@ class TwoHandRefinement(nn.Module):
             pix = self.dec_pix(pix).reshape(b, nh, q, -1)
         else:  # [B, Q, C], shared by both hands
             pix = self.dec_pix(self._pixel_features(feats, queries, K))[:, None]
-        smooth = self.dec_att(h_att) + self.dec_latent(latent)[:, :, None] + pix
-        if return_features:
-            return smooth
-        return self.decode_head(smooth, init_logits, ctx.present)
+        return self.dec_att(h_att) + self.dec_latent(latent)[:, :, None] + pix
 
     def decode_head(self, features: Tensor, init_logits: Tensor, present: Tensor) -> Tensor:
         """The decoder's last layers: features ``[B, H, Q, D]`` from ``decode(...,
@@ -712,12 +764,15 @@ class RefinedOccupancy(nn.Module):
         return self
 
     @torch.no_grad()
-    def init_logits(self, state: RefinementState, points_norm: Tensor) -> tuple[Tensor, Tensor]:
+    def init_logits(
+        self, state: RefinementState, points_norm: Tensor, shortcuts: Shortcuts = EXACT
+    ) -> tuple[Tensor, Tensor]:
         """I's logits of both hands at both hands' points.
 
         Args:
             state: from :meth:`prepare`.
             points_norm: ``[B, 2, P, 3]`` each hand's points in its own normalised space.
+            shortcuts: I's inference shortcuts (:class:`~.init_occ.Shortcuts`).
 
         Returns:
             ``(queries [B, 2P, 3] camera frame, logits [B, 2, 2P])``, hand 0's points first.
@@ -732,7 +787,7 @@ class RefinedOccupancy(nn.Module):
             [to_normalized(queries, poses[h].rot, poses[h].origin) for h in (0, 1)], 1
         )
         logits = self.init.forward_normalized(
-            both, state.joints, state.K, state.init_ctx, state.present, poses
+            both, state.joints, state.K, state.init_ctx, state.present, poses, shortcuts=shortcuts
         )
         return queries, logits
 
@@ -757,26 +812,18 @@ class RefinedOccupancy(nn.Module):
             gen: generator for the farthest-point-sampling start (None: first candidate).
         """
         with torch.no_grad():
-            state = RefinementState(
-                joints=joints,
-                K=K,
-                present=present,
-                poses=self.init.poses(joints),
-                init_ctx=self.init.encode(image) if self.init.image_conditioning else None,
-            )
+            poses = self.init.poses(joints)
+            init_ctx = self.init.encode(image) if self.init.image_conditioning else None
             if anchors is None:
                 if candidates_norm is None:
                     raise ValueError("prepare needs candidates_norm or anchors")
                 # each hand's candidates are scored by that hand's I only
                 own = self.init.forward_normalized(
-                    candidates_norm, joints, K, state.init_ctx, present, state.poses
+                    candidates_norm, joints, K, init_ctx, present, poses
                 )
                 cam = torch.stack(
-                    [
-                        from_normalized(candidates_norm[:, h], state.poses[h].rot,
-                                        state.poses[h].origin)
-                        for h in (0, 1)
-                    ],
+                    [from_normalized(candidates_norm[:, h], poses[h].rot, poses[h].origin)
+                     for h in (0, 1)],
                     1,
                 )  # fmt: skip
                 anchors = sample_anchors(
@@ -787,10 +834,8 @@ class RefinedOccupancy(nn.Module):
                     start="random" if gen is not None else "first",
                     gen=gen,
                 )
-        state.feats = self.encoder(image)
-        state.center = hands_center(joints, present)
-        state.ctx = self.refine.encode_context(anchors, present, K, state.feats, state.center)
-        return state
+        return refinement_state(self.init, self.encoder, self.refine, joints, K, image, present,
+                                anchors, poses, init_ctx)  # fmt: skip
 
     def score(self, state: RefinementState, points_norm: Tensor) -> tuple[Tensor, Tensor]:
         """Initial and refined logits ``([B, 2, 2P], [B, 2, 2P])`` at both hands' points.
@@ -822,6 +867,32 @@ class RefinedOccupancy(nn.Module):
         candidates_norm = candidates_norm[:, :, : self.anchor_candidates]
         state = self.prepare(joints, K, image, present, candidates_norm=candidates_norm, gen=gen)
         return self.score(state, points_norm)
+
+
+def refinement_state(
+    init: Any,
+    encoder: Any,
+    refine: Any,
+    joints: Tensor,
+    K: Tensor,
+    image: Tensor,
+    present: Tensor,
+    anchors: Tensor,
+    poses: list | None = None,
+    init_ctx: Any = None,
+) -> RefinementState:
+    """The per-image state of I+R from anchors on I's surface: I's poses and image context, R's
+    image features, the hands' centre and R's context. ``init``, ``encoder`` and ``refine`` are
+    the torch networks or a backend's drop-ins (the one place this sequence is written)."""
+    if poses is None:
+        poses = init.poses(joints)
+    if init_ctx is None and init.image_conditioning:
+        init_ctx = init.encode(image)
+    state = RefinementState(joints=joints, K=K, present=present, poses=poses, init_ctx=init_ctx)
+    state.feats = encoder(image)
+    state.center = hands_center(joints, present)
+    state.ctx = refine.encode_context(anchors, present, K, state.feats, state.center)
+    return state
 
 
 def own_points(logits: Tensor) -> Tensor:

@@ -38,7 +38,7 @@ from im2hands_model.meshing import (
     mise_grid,
     synchronize,
 )
-from im2hands_model.networks.init_occ import SKIP_DISTANCE_M
+from im2hands_model.networks.init_occ import SKIP_DISTANCE_M, Shortcuts
 from im2hands_model.pipeline.contacts import (
     DEFAULT_CONTACT_DISTANCE,
     DEFAULT_VOXEL_SIZE,
@@ -236,9 +236,6 @@ class Im2Hands:
             raise ValueError("device 'cuda' requested but torch sees no CUDA device")
         nets = {name: load_pretrained(name, dev, path) for name in ("kpts_pred", "kpts_ref",
                                                                   "halo", "ref_occ")}  # fmt: skip
-        for name in ("halo", "ref_occ"):
-            occ = nets[name].init if name == "ref_occ" else nets[name]
-            occ.skip_distance = SKIP_DISTANCE_M
         model = cls(nets, PipelineConfig(**config), dev, "torch")
         if backend == "onnxruntime":
             from im2hands_model.pipeline.onnx_backend import onnx_networks
@@ -339,8 +336,8 @@ class Im2Hands:
         cfg = self.config
         t_start = timer.now()
         init_net = self.nets["ref_occ"].init if cfg.use_image else self.nets["halo"]
-        init_net.cull_parts = cfg.cull_parts  # networks are shared by configured() copies
-        init = InitialField(init_net, crop.image, crop.K, crop.joints, crop.present)
+        shortcuts = Shortcuts(SKIP_DISTANCE_M, cfg.cull_parts)
+        init = InitialField(init_net, crop.image, crop.K, crop.joints, crop.present, shortcuts)
         steps = int(round(math.log2(self.resolution / cfg.coarse_resolution)))
         grid, _ = mise_grid(
             init, 2, cfg.coarse_resolution, steps, cfg.threshold_i, device=self.device,

@@ -9,7 +9,8 @@
   is split (:func:`~im2hands_model.meshing.band_refined_grid`) into its smooth part (attention
   over nearby anchors, image features), evaluated for each hand at its own points on a coarse
   band around I's surface, and its head, run at every fine band point with I's probability
-  from I's meshing grid (I is never evaluated again).
+  from I's meshing grid (I is never evaluated again). Called on points, it is I then R there
+  (the evaluation's I+R).
 
 Both take points ``[2, P, 3]`` in each hand's own (unmirrored) normalised space, the mesher's
 coordinates (:mod:`im2hands_model.meshing`), and count evaluated points and network time.
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from im2hands_model.hands import from_normalized
 from im2hands_model.meshing import synchronize
+from im2hands_model.networks.init_occ import EMPTY_LOGIT, EXACT, Shortcuts
 from im2hands_model.networks.ref_occ import hands_center, mesh_anchors
 
 __all__ = ["InitialField", "RefinedField"]
@@ -33,17 +35,21 @@ class InitialField:
     """I (or HALO) of both hands of one crop.
 
     Args:
-        net: a :class:`~im2hands_model.networks.init_occ.TwoHandInitialOccupancy` (its
-            ``skip_distance`` and ``cull_parts`` decide the inference shortcuts).
+        net: a :class:`~im2hands_model.networks.init_occ.TwoHandInitialOccupancy` (or its ONNX
+            Runtime drop-in).
         image: ``[1, 3, S, S]`` crop in [0, 1] (unused by HALO).
         K: ``[1, 3, 3]`` crop intrinsics.
         joints: ``[1, 2, 21, 3]`` keypoints, camera frame.
         present: ``[1, 2]`` bool.
+        shortcuts: I's inference shortcuts
+            (:class:`~im2hands_model.networks.init_occ.Shortcuts`; default: none, exact).
     """
 
-    def __init__(self, net, image: Tensor, K: Tensor, joints: Tensor, present: Tensor) -> None:
+    def __init__(self, net, image: Tensor, K: Tensor, joints: Tensor, present: Tensor,
+                 shortcuts: Shortcuts = EXACT) -> None:  # fmt: skip
         t0 = time.perf_counter()
         self.net, self.K, self.joints, self.present = net, K, joints, present
+        self.shortcuts = shortcuts
         self.ctx = net.encode(image) if net.image_conditioning else None
         self.poses = net.poses(joints)
         self.evaluated = 0
@@ -53,8 +59,9 @@ class InitialField:
     def logits(self, points_norm: Tensor) -> Tensor:
         """Each hand's logit ``[2, P]`` at its own points ``[2, P, 3]``."""
         out = self.net.forward_normalized(
-            points_norm[None], self.joints, self.K, self.ctx, self.present, self.poses
-        )
+            points_norm[None], self.joints, self.K, self.ctx, self.present, self.poses,
+            shortcuts=self.shortcuts,
+        )  # fmt: skip
         return out[0]
 
     def __call__(self, points_norm: Tensor) -> Tensor:
@@ -119,3 +126,14 @@ class RefinedField:
         synchronize(features.device)
         self.seconds += time.perf_counter() - t0
         return out
+
+    def __call__(self, points_norm: Tensor) -> Tensor:
+        """Refined probabilities ``[2, P]`` of each hand at its own points ``[2, P, 3]``: I's,
+        corrected by R wherever I is not empty space (a plain occupancy function for MISE, as
+        the evaluation meshes I+R)."""
+        logits = self.init.logits(points_norm)
+        probs = torch.sigmoid(logits)
+        near = (logits > EMPTY_LOGIT).any(0).nonzero()[:, 0]
+        if near.numel():
+            probs[:, near] = self.head(self.features(points_norm[:, near]), probs[:, near])
+        return probs

@@ -35,20 +35,6 @@ REFERENCE_COARSE = 32  #: paper protocol: 32³ start
 REFERENCE_STEPS = 3  #: and 3 subdivisions (256³ effective)
 
 
-class _Shortcuts:
-    """Switch the inference shortcuts of an I network off for the duration of a block."""
-
-    def __init__(self, net) -> None:
-        self.net = net
-
-    def __enter__(self) -> None:
-        self.saved = (self.net.skip_distance, self.net.cull_parts)
-        self.net.skip_distance, self.net.cull_parts = None, None
-
-    def __exit__(self, *exc: object) -> None:
-        self.net.skip_distance, self.net.cull_parts = self.saved
-
-
 def _mesh_one_hand(occ_fn, hand: int, threshold: float, device: torch.device):
     valid = [h == hand for h in range(2)]
     meshes, stats = extract_meshes_with_stats(
@@ -88,54 +74,52 @@ def reference_meshes(
         return mesh_to_camera(mesh, rot[h], origin[h])
 
     meshes: list = [None, None]
-    with _Shortcuts(init_net):
-        for h in range(2):
-            if not bool(present[0, h]):
-                continue
-            t0 = time.perf_counter()
-            ctx = init_net.encode(image) if init_net.image_conditioning else None
+    for h in range(2):
+        if not bool(present[0, h]):
+            continue
+        t0 = time.perf_counter()
+        ctx = init_net.encode(image) if init_net.image_conditioning else None
 
-            poses = init_net.poses(joints)
+        poses = init_net.poses(joints)
 
-            def occ_i(points: Tensor, ctx=ctx, poses=poses, h=h) -> Tensor:
-                logits = init_net.forward_normalized(points[None], joints, K, ctx, present, poses,
-                                                     hand=h)  # fmt: skip
-                return torch.sigmoid(logits[0])
+        def occ_i(points: Tensor, ctx=ctx, poses=poses, h=h) -> Tensor:
+            logits = init_net.forward_normalized(points[None], joints, K, ctx, present, poses,
+                                                 hand=h)  # fmt: skip
+            return torch.sigmoid(logits[0])
 
-            mesh, count = _mesh_one_hand(occ_i, h, threshold_i, device)
-            meshes[h] = to_camera(mesh, h)
-            synchronize(device)
-            seconds["I"] += time.perf_counter() - t0
-            queries["I"] += count
-        if refined_net is None or not any(m is not None for m in meshes):
-            return meshes, queries, seconds
+        mesh, count = _mesh_one_hand(occ_i, h, threshold_i, device)
+        meshes[h] = to_camera(mesh, h)
+        synchronize(device)
+        seconds["I"] += time.perf_counter() - t0
+        queries["I"] += count
+    if refined_net is None or not any(m is not None for m in meshes):
+        return meshes, queries, seconds
 
-        anchors, has_mesh = mesh_anchors(meshes, refined_net.refine.num_anchors, seed, device)
-        refined_meshes: list = [None, None]
-        with _Shortcuts(refined_net.init):
-            for h in range(2):
-                if meshes[h] is None:
-                    continue
-                t0 = time.perf_counter()
-                state = refined_net.prepare(joints, K, image, present & has_mesh, anchors=anchors)
+    anchors, has_mesh = mesh_anchors(meshes, refined_net.refine.num_anchors, seed, device)
+    refined_meshes: list = [None, None]
+    for h in range(2):
+        if meshes[h] is None:
+            continue
+        t0 = time.perf_counter()
+        state = refined_net.prepare(joints, K, image, present & has_mesh, anchors=anchors)
 
-                def occ_r(points: Tensor, state=state, h=h) -> Tensor:
-                    # I recomputed at every query, then R's decoder for this hand
-                    init = refined_net.init.forward_normalized(
-                        points[None], joints, K, state.init_ctx, present, state.poses, hand=h
-                    )
-                    pose = state.poses[h]
-                    cam = from_normalized(points[h][None], pose.rot, pose.origin)  # [1, P, 3]
-                    refined = refined_net.refine.decode(cam[:, None], init[:, h : h + 1],
-                                                        state.ctx, K, state.feats, state.center,
-                                                        hand=h)  # fmt: skip
-                    out = torch.zeros_like(init[0])
-                    out[h] = torch.sigmoid(refined[0, 0])
-                    return out
+        def occ_r(points: Tensor, state=state, h=h) -> Tensor:
+            # I recomputed at every query, then R's decoder for this hand
+            init = refined_net.init.forward_normalized(
+                points[None], joints, K, state.init_ctx, present, state.poses, hand=h
+            )
+            pose = state.poses[h]
+            cam = from_normalized(points[h][None], pose.rot, pose.origin)  # [1, P, 3]
+            refined = refined_net.refine.decode(cam[:, None], init[:, h : h + 1],
+                                                state.ctx, K, state.feats, state.center,
+                                                hand=h)  # fmt: skip
+            out = torch.zeros_like(init[0])
+            out[h] = torch.sigmoid(refined[0, 0])
+            return out
 
-                mesh, count = _mesh_one_hand(occ_r, h, threshold_r, device)
-                refined_meshes[h] = to_camera(mesh, h)
-                synchronize(device)
-                seconds["R"] += time.perf_counter() - t0
-                queries["R"] += count
+        mesh, count = _mesh_one_hand(occ_r, h, threshold_r, device)
+        refined_meshes[h] = to_camera(mesh, h)
+        synchronize(device)
+        seconds["R"] += time.perf_counter() - t0
+        queries["R"] += count
     return refined_meshes, queries, seconds

@@ -53,8 +53,8 @@ from im2hands_model.evaluation import (
 )
 from im2hands_model.meshing import THRESHOLD_I, THRESHOLD_R, Mesh
 from im2hands_model.metrics import joint_errors_mm
-from im2hands_model.networks.init_occ import EMPTY_LOGIT, SKIP_DISTANCE_M
-from im2hands_model.networks.ref_occ import mesh_anchors, own_points
+from im2hands_model.networks.init_occ import SKIP_DISTANCE_M, Shortcuts
+from im2hands_model.pipeline.occupancy import InitialField, RefinedField
 from im2hands_model.training.checkpoint import load_trained_network
 from im2hands_model.training.stages.occupancy_common import mesh_scene
 
@@ -82,9 +82,6 @@ def load_run(path: str | Path, device: torch.device) -> tuple[str, dict, nn.Modu
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     stage, cfg, model = load_trained_network(path)
-    inner = model.init if stage == "ref_occ" else model
-    if stage in ("init_occ", "ref_occ"):
-        inner.skip_distance = SKIP_DISTANCE_M
     return stage, cfg, model.to(device).eval()
 
 
@@ -104,8 +101,6 @@ def load_shipped(
         if name not in entries or (names and name not in names):
             continue
         model = load_pretrained(name, "cpu", weights_dir)
-        if name in ("halo", "init_occ", "ref_occ"):
-            (model.init if name == "ref_occ" else model).skip_distance = SKIP_DISTANCE_M
         runs.append((entries[name]["stage"], entries[name]["config"], model.to(device).eval()))
     return runs
 
@@ -118,52 +113,37 @@ def network_digest(*nets: nn.Module | None) -> str:
     return weights_fingerprint({str(k): n for k, n in enumerate(nets) if n is not None})[:16]
 
 
+#: I's shortcuts in every row: empty space skipped (exact there), all parts evaluated.
+SHORTCUTS = Shortcuts(SKIP_DISTANCE_M)
+
+
+def _init_field(net: nn.Module, batch: dict[str, Tensor], joints: Tensor) -> InitialField:
+    return InitialField(net, batch["image"], batch["K"], joints, batch["hand_present"], SHORTCUTS)
+
+
 def _init_occupancy(net: nn.Module) -> Callable:
+    """I (or HALO) of a scene: the pipeline's :class:`InitialField`."""
+
     def make(
         batch: dict[str, Tensor], joints: Tensor, init_meshes: list | None = None
     ) -> Callable[[Tensor], Tensor]:
-        ctx = net.encode(batch["image"]) if net.image_conditioning else None
-
-        def occ(points: Tensor) -> Tensor:
-            logits = net(points[None], joints, K=batch["K"], ctx=ctx,
-                         present=batch["hand_present"], normalized=True)  # fmt: skip
-            return torch.sigmoid(logits[0])
-
-        return occ
+        return _init_field(net, batch, joints)
 
     return make
 
 
 def _refined_occupancy(net: nn.Module, resolution: int, steps: int, seed: int) -> Callable:
-    """I+R: mesh I first, sample R's anchors evenly on I's mesh, then score with R."""
-    init_make = _init_occupancy(net.init)
+    """I+R of a scene: I meshed first (unless an I row of the same keypoints did), then the
+    pipeline's :class:`RefinedField` with anchors sampled evenly on I's meshes."""
 
     def make(
         batch: dict[str, Tensor], joints: Tensor, init_meshes: list | None = None
     ) -> Callable[[Tensor], Tensor]:
-        present = batch["hand_present"]
+        init = _init_field(net.init, batch, joints)
         if init_meshes is None:  # not meshed by an I row of the same keypoints
-            init_meshes = mesh_scene(
-                init_make(batch, joints), joints[0], present[0], resolution, steps, THRESHOLD_I
-            )
-        anchors, has_mesh = mesh_anchors(init_meshes, net.refine.num_anchors, seed, joints.device)
-        state = net.prepare(joints, batch["K"], batch["image"], present & has_mesh,
-                            anchors=anchors)  # fmt: skip
-
-        def occ(points: Tensor) -> Tensor:
-            # R only where I sees a hand nearby (I skips empty space, see SKIP_DISTANCE_M)
-            queries, init_logits = net.init_logits(state, points[None])
-            near = (init_logits[0] > EMPTY_LOGIT).any(0).nonzero()[:, 0]
-            refined = init_logits.clone()
-            if near.numel():
-                ctx = state.ctx
-                refined[:, :, near] = net.refine.decode(
-                    queries[:, near], init_logits[:, :, near], ctx, state.K, state.feats,
-                    state.center,
-                )  # fmt: skip
-            return torch.sigmoid(own_points(refined)[0])
-
-        return occ
+            present = batch["hand_present"]
+            init_meshes = mesh_scene(init, joints[0], present[0], resolution, steps, THRESHOLD_I)
+        return RefinedField(net, init, batch["image"], init_meshes, seed)
 
     return make
 
