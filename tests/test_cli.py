@@ -117,6 +117,16 @@ def test_bench_prints_stages_and_writes_the_json(tmp_path):
     assert report["iou_reference"] > 60.0
 
 
+def test_bench_with_given_keypoints_uses_each_frames_ground_truth(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run("bench", "--frames", "2", "--reference-frames", "0", "--halo", "--device", "cpu",
+               "--keypoint-source", "given", "--json", str(out), "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["config"]["keypoint_source"] == "given"
+    assert report["frames_with_hands"] == 2 and "K" not in report["stages_ms"]
+
+
 def test_export_onnx_writes_the_graphs_and_their_manifest(tmp_path):
     proc = run("export-onnx", str(tmp_path / "onnx"))
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -233,8 +233,8 @@ def _interhand(args: argparse.Namespace) -> int:
     import logging
 
     from im2hands_model.data.interhand import (
-        ConversionError,
         ConvertSettings,
+        InterHandConversionError,
         InterHandFormatError,
         convert_interhand,
     )
@@ -268,7 +268,7 @@ def _interhand(args: argparse.Namespace) -> int:
     except (InterHandFormatError, ManoFileError, MissingSmplxError) as exc:
         print(f"im2hands-data: error: {exc}", file=sys.stderr)
         return 2
-    except ConversionError as exc:
+    except InterHandConversionError as exc:
         print(f"im2hands-data: error: {exc}", file=sys.stderr)
         return 1
     print(summary.format())

@@ -376,7 +376,7 @@ class ManoParams:
 
 
 @dataclass(frozen=True)
-class Frame:
+class InterHandFrame:
     """One selected image with everything its conversion needs (picklable for workers)."""
 
     image_id: int
@@ -422,7 +422,7 @@ def _is_true(value: Any) -> bool:
 
 def select_frames(
     ann: Annotations, images_dir: Path, summary: ConversionSummary, max_frames: int | None = None
-) -> list[Frame]:
+) -> list[InterHandFrame]:
     """The interacting frames of ``ann`` that can be converted, in ``data.json`` order.
 
     Every image of ``data.json`` is either returned or counted in ``summary`` under one reason:
@@ -439,7 +439,7 @@ def select_frames(
     for a in ann.annotations:
         if isinstance(a, dict) and "image_id" in a:
             by_image.setdefault(a["image_id"], a)
-    frames: list[Frame] = []
+    frames: list[InterHandFrame] = []
     summary.images += len(ann.images)
     for n, img in enumerate(ann.images):
         try:
@@ -510,7 +510,7 @@ def select_frames(
             summary.skip("beyond_max_frames", where, f"--max-frames {max_frames}")
             continue
         frames.append(
-            Frame(
+            InterHandFrame(
                 image_id=image_id,
                 file_name=file_name,
                 image_path=image_path,
@@ -607,7 +607,7 @@ def load_image(path: Path) -> np.ndarray:
 
 
 def convert_frame(
-    frame: Frame,
+    frame: InterHandFrame,
     manos: dict[str, HandModel],
     faces: np.ndarray,
     settings: ConvertSettings,
@@ -762,7 +762,9 @@ def outward_faces(model: HandModel) -> np.ndarray:
     return faces if volume >= 0 else faces[:, [0, 2, 1]]
 
 
-def _convert_chunk(chunk: list[Frame]) -> list[tuple[int, dict | None, tuple[str, str] | None]]:
+def _convert_chunk(
+    chunk: list[InterHandFrame],
+) -> list[tuple[int, dict | None, tuple[str, str] | None]]:
     out = []
     for frame in chunk:
         try:
@@ -778,7 +780,7 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
-class ConversionError(RuntimeError):
+class InterHandConversionError(RuntimeError):
     """Nothing could be converted (the summary says why)."""
 
     def __init__(self, message: str, summary: ConversionSummary) -> None:
@@ -810,7 +812,7 @@ def convert_interhand(
 
     Raises:
         InterHandFormatError: a required annotation file or the image folder is missing or broken.
-        ConversionError: no frame could be converted.
+        InterHandConversionError: no frame could be converted.
     """
     from tqdm import tqdm
 
@@ -872,7 +874,7 @@ def convert_interhand(
     _WORKER.clear()
     elapsed = time.perf_counter() - start
     if example is None:
-        raise ConversionError(
+        raise InterHandConversionError(
             f"no frame of InterHand2.6M {split} could be converted\n{summary.format()}", summary
         )
     np.save(out_dir / FACES_FILE, faces.astype(np.int32))

@@ -173,7 +173,7 @@ class _Crop:
 
     def __init__(self, frame: Frame, keypoints: Keypoints, device: torch.device) -> None:
         self.window = crop_around(keypoints, frame)
-        self.image, self.K = crop_tensor(frame, self.window, device)
+        self.image, self.intrinsics = crop_tensor(frame, self.window, device)
         self.keypoints = keypoints
         self.joints = torch.as_tensor(keypoints.joints, device=device)[None]
         self.present = torch.as_tensor(keypoints.present, device=device)[None]
@@ -337,7 +337,8 @@ class Im2Hands:
         t_start = timer.now()
         init_net = self.nets["ref_occ"].init if cfg.use_image else self.nets["halo"]
         shortcuts = Shortcuts(SKIP_DISTANCE_M, cfg.cull_parts)
-        init = InitialField(init_net, crop.image, crop.K, crop.joints, crop.present, shortcuts)
+        init = InitialField(init_net, crop.image, crop.intrinsics, crop.joints, crop.present,
+                            shortcuts)  # fmt: skip
         steps = int(round(math.log2(self.resolution / cfg.coarse_resolution)))
         grid, _ = mise_grid(
             init, 2, cfg.coarse_resolution, steps, cfg.threshold_i, device=self.device,
@@ -373,7 +374,7 @@ class Im2Hands:
         init_net = self.nets["ref_occ"].init if cfg.use_image else self.nets["halo"]
         refined = self.nets["ref_occ"] if cfg.refine_occupancy and cfg.use_image else None
         meshes, queries, seconds = reference_meshes(
-            init_net, refined, crop.image, crop.K, crop.joints, crop.present,
+            init_net, refined, crop.image, crop.intrinsics, crop.joints, crop.present,
             cfg.threshold_i, cfg.threshold_r, cfg.seed,
         )  # fmt: skip
         timer.add("I", seconds["I"])
@@ -424,7 +425,8 @@ class Im2Hands:
 
     def _refine_keypoints(self, frame: Frame, found: Keypoints) -> Keypoints:
         crop = _Crop(frame, found, self.device)
-        refined = self.nets["kpts_ref"](crop.joints, crop.present, image=crop.image, K=crop.K)
+        refined = self.nets["kpts_ref"](crop.joints, crop.present, image=crop.image,
+                                         K=crop.intrinsics)  # fmt: skip
         refined = refined[0].cpu().numpy()
         out = replace(found, joints=np.where(found.present[:, None, None], refined, found.joints))
         out.joints_2d = None
