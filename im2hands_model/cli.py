@@ -239,6 +239,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_tracking(args: argparse.Namespace) -> int:
+    import torch
+
+    from im2hands_model.pipeline.bench import write_json
+    from im2hands_model.pipeline.tracking_bench import (
+        format_tracking_report,
+        run_tracking_bench,
+        sequence_frames,
+    )
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _model(args, **_config(args))
+    frames = sequence_frames(args.seed, args.keys, seconds_per_key=args.seconds_per_key)
+    report = run_tracking_bench(model, frames, camera_process=not args.no_camera_process,
+                                progress=not args.quiet,
+                                max_part_turn_deg=args.max_part_turn_deg)  # fmt: skip
+    print(format_tracking_report(report))
+    if args.json:
+        print(f"wrote {write_json(report, args.json)}")
+    if args.plot:
+        from im2hands_model.pipeline.tracking_bench import plot_tracking
+
+        print(f"wrote {plot_tracking(report, args.plot)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Rendered camera frames through the pipeline: meshes, keypoints, contacts and overlays,
     once with the ground-truth keypoints and once finding the hands with the keypoint source
@@ -374,6 +401,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _common(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("bench-tracking",
+                       help="meshes at camera rate on moving hands (tracked vs full)")  # fmt: skip
+    p.add_argument("--keys", type=int, default=4, help="key scenes the hands move through")
+    p.add_argument("--seconds-per-key", type=float, default=2.0,
+                   help="time from one key scene to the next (30 Hz frames)")
+    p.add_argument("--seed", type=int, default=4343, help="seed of the key scenes")
+    p.add_argument("--max-part-turn-deg", type=float, default=None,
+                   help="re-posing limit (default: the library's)")
+    p.add_argument("--no-camera-process", action="store_true",
+                   help="play the frames from this process (no camera process sending them)")
+    p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--plot", default=None, help="write a plot of IoU and rate here (PNG)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_bench_tracking)
 
     p = sub.add_parser("demo", help="rendered frames through the pipeline, with pictures")
     p.add_argument("-o", "--out", required=True, help="output folder")

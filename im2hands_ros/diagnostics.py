@@ -46,6 +46,12 @@ class NodeStats:
         self.no_depth = 0
         self.bad_depth = 0
         self.depth_unused = 0
+        # tracked_meshes: outputs by kind, and the shape age of the re-posed ones
+        self.full = 0
+        self.reposed = 0
+        self.keypoints_only = 0
+        self.full_failed = 0
+        self._shape_age_s: deque[float] = deque(maxlen=window)
         self._latency_ms: deque[float] = deque(maxlen=window)
         self._pipeline_ms: deque[float] = deque(maxlen=window)
         self._out_times: deque[float] = deque(maxlen=window)
@@ -63,6 +69,16 @@ class NodeStats:
         ``no_hand``, ``no_depth``, ``bad_depth``, ``depth_unused``)."""
         with self._lock:
             setattr(self, name, getattr(self, name) + 1)
+
+    def kind(self, kind: str, shape_age_s: float, failed: int) -> None:
+        """Count one tracked output (``full``, ``reposed``, ``keypoints``) and the video's
+        failed full reconstructions so far."""
+        with self._lock:
+            name = "keypoints_only" if kind == "keypoints" else kind
+            setattr(self, name, getattr(self, name) + 1)
+            self.full_failed = failed
+            if kind == "reposed":
+                self._shape_age_s.append(shape_age_s)
 
     def published(self, latency_ms: float, pipeline_ms: float) -> None:
         with self._lock:
@@ -94,6 +110,12 @@ class NodeStats:
                 "depth_unused": self.depth_unused,
                 **{f"dropped_{r}": self.drops[r] for r in DROP_REASONS},
             }
+            if self.full or self.reposed or self.keypoints_only:
+                age = np.asarray(self._shape_age_s, dtype=np.float64)
+                out.update(meshes_full=self.full, meshes_reposed=self.reposed,
+                           keypoints_only=self.keypoints_only, full_failed=self.full_failed,
+                           shape_age_s_median=float(np.median(age)) if age.size else None,
+                           )  # fmt: skip
         for name, arr in (("latency_ms", lat), ("pipeline_ms", pipe)):
             out[f"{name}_median"] = float(np.median(arr)) if arr.size else None
             out[f"{name}_p95"] = float(np.percentile(arr, 95)) if arr.size else None

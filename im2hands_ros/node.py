@@ -143,6 +143,7 @@ class Im2HandsNode(LifecycleNode):
         params.declare(self)
         self.settings: params.NodeSettings | None = None
         self.model: Any = None
+        self.video: Any = None  # tracked_meshes: the VideoReconstruction over self.model
         self.stats = NodeStats()
         self.worker = LatestFrameWorker(
             self._process, self._now, 0.0, self._on_drop, self._on_error, start=own_thread
@@ -183,6 +184,10 @@ class Im2HandsNode(LifecycleNode):
             log.error(f"cannot load the model: {type(exc).__name__}: {exc}")
             self.model = None
             return Failed
+        if s.tracked_meshes:
+            from im2hands_model.pipeline.video import VideoReconstruction
+
+            self.video = VideoReconstruction(self.model, max_part_turn_deg=s.max_part_turn_deg)
         cfg = self.model.describe()
         self._info = {"backend": cfg["backend"], "device": cfg["device"],
                       "resolution": self.model.resolution, "keypoint_source": s.keypoint_source,
@@ -199,6 +204,7 @@ class Im2HandsNode(LifecycleNode):
             f"keypoints {s.keypoint_source}, K {s.refine_keypoints}, "
             f"I {'image' if s.use_image else 'keypoints only'}, "
             f"R {'on' if s.refine_occupancy else 'off'}"
+            + (", meshes tracked between full reconstructions" if self.video else "")
         )
         return Ok
 
@@ -235,6 +241,8 @@ class Im2HandsNode(LifecycleNode):
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._unsubscribe()
         self.worker.wait_idle(30.0)
+        if self.video is not None:  # the next activation starts a new video
+            self.video.reset()
         self._state = "inactive"
         return super().on_deactivate(state)
 
@@ -261,7 +269,9 @@ class Im2HandsNode(LifecycleNode):
         for pub in self._pubs.values():
             self.destroy_lifecycle_publisher(pub)
         self._pubs.clear()
-        self.model = None
+        if self.video is not None:
+            self.video.close()
+        self.model = self.video = None
         self._camera = None
         self._keypoints.clear()
         self._depth.clear()
@@ -451,7 +461,7 @@ class Im2HandsNode(LifecycleNode):
     def _process(self, job: Job) -> None:
         from im2hands_model.pipeline.frame import InputError
 
-        s, model = self.settings, self.model
+        s, model, video = self.settings, self.model, self.video
         if s is None or model is None or self._state != "active":
             return
         msg = job.payload
@@ -467,8 +477,8 @@ class Im2HandsNode(LifecycleNode):
         K = self._intrinsics(rgb.shape[1], rgb.shape[0])
         depth = self._depth_for(msg.header) if s.use_depth else None
         try:
-            result = model(rgb, K, keypoints=job.extra.get("keypoints"), depth=depth,
-                           stamp=job.stamp)  # fmt: skip
+            result = (video or model)(rgb, K, keypoints=job.extra.get("keypoints"), depth=depth,
+                                      stamp=job.stamp)  # fmt: skip
         except InputError as exc:
             self.stats.dropped("bad_input")
             self._warn(f"frame dropped: {exc}")
@@ -481,6 +491,8 @@ class Im2HandsNode(LifecycleNode):
                                       once=True)  # fmt: skip
         if result.empty:
             self.stats.count("no_hand")
+        elif video is not None:
+            self.stats.kind(result.kind, result.shape_age_s, video.counts["failed"])
         header = Header(stamp=msg.header.stamp, frame_id=s.output_frame or msg.header.frame_id)
         if not self.context.ok():  # shut down while reconstructing: nowhere to publish
             return
@@ -490,7 +502,8 @@ class Im2HandsNode(LifecycleNode):
             if self.context.ok():
                 raise
             return  # the context went down during publishing (Ctrl-C with rclpy's handlers)
-        self.stats.published(latency_ms, float(result.timings_ms.get("total", float("nan"))))
+        timings = result.timings_ms  # a tracked frame's own time is "frame"
+        self.stats.published(latency_ms, float(timings.get("frame", timings.get("total", np.nan))))
         if self._trim is not None and self.stats.frames_out % TRIM_EVERY == 0:
             self._trim(0)
 

@@ -60,6 +60,14 @@ PARAMETERS: tuple[Param, ...] = (
     Param("use_depth", False, "Subscribe to 'depth' (sensor_msgs/Image, 16UC1 millimetres or "
           "32FC1 metres, registered to the colour image, stamped like it) and place the hands "
           "from it; hands without valid depth fall back to the image-only placement."),
+    Param("tracked_meshes", False, "Meshes at camera rate: full reconstructions run on a worker "
+          "thread whenever the previous one is done, and every frame gets the latest one "
+          "re-posed to its keypoints by the hand parts' rigid transforms (each output's kind and "
+          "shape age are counted in /diagnostics); false: every mesh is a full reconstruction, "
+          "at the rate the device allows."),
+    Param("max_part_turn_deg", 90.0, "tracked_meshes: a frame whose finger parts turned more than "
+          "this since the latest full reconstruction gets keypoints only until the next one.",
+          minimum=1.0),
     Param("refine_keypoints", "auto", "Stage K (keypoint refinement): auto (on for the learned "
           "predictor's keypoints, which K was trained on; off for mediapipe's and the topic's), "
           "on, off.", ("auto", "on", "off")),
@@ -107,6 +115,8 @@ class NodeSettings:
     track_hands: bool
     smooth_keypoints: bool
     use_depth: bool
+    tracked_meshes: bool
+    max_part_turn_deg: float
     refine_keypoints: str
     use_image: bool
     refine_occupancy: bool

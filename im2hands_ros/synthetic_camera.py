@@ -66,6 +66,10 @@ Parameters (``--ros-args -p name:=value``, read once at start-up):
 ``realism`` (bool, default false)
     Realistic renders: forearms, photo backgrounds and camera effects
     (:mod:`im2hands_model.data.realism`); the same hands, poses and cameras either way.
+``sequence`` (int, default 0)
+    0: cycle ``frames`` still scenes. N >= 2: play moving hands through N two-hand key scenes,
+    one second apart at ``rate`` (:mod:`im2hands_model.data.sequences`), forth and back, with
+    the ground truth of every frame (``frames`` and ``realism`` do not apply).
 
 A bad parameter value is logged as an error and the process exits with status 2. SIGINT and
 SIGTERM stop the node cleanly (status 0), also while it is still rendering.
@@ -110,6 +114,7 @@ _DESCRIPTIONS: dict[str, str] = {
     "reliability": "QoS reliability of image and image/compressed: best_effort or reliable",
     "depth": "encoding of the depth topic: 16UC1 (millimetres), 32FC1 (metres) or off",
     "realism": "realistic renders: forearms, photo backgrounds, camera effects (bool)",
+    "sequence": "0: cycle still frames; N >= 2: moving hands through N key scenes (int)",
 }
 
 
@@ -136,6 +141,7 @@ class CameraConfig:
     reliability: str
     depth: str = "16UC1"
     realism: bool = False
+    sequence: int = 0
 
     @staticmethod
     def from_values(values: dict[str, Any]) -> CameraConfig:
@@ -184,7 +190,11 @@ class CameraConfig:
         realism = values.get("realism", False)
         if not isinstance(realism, bool):
             raise ParameterError(f"parameter 'realism' must be true or false, got {realism!r}")
+        sequence = integer("sequence", 0, 60) if "sequence" in values else 0
+        if sequence == 1:
+            raise ParameterError("parameter 'sequence' must be 0 or at least 2 key scenes, got 1")
         return CameraConfig(
+            sequence=sequence,
             realism=realism,
             rate=rate,
             frames=integer("frames", 1, MAX_FRAMES),
@@ -212,6 +222,7 @@ def _defaults() -> dict[str, Any]:
         "reliability": "best_effort",
         "depth": "16UC1",
         "realism": False,
+        "sequence": 0,
     }
 
 
@@ -316,16 +327,24 @@ class SyntheticCamera:
         from im2hands_model.pipeline.bench import synthetic_frames
 
         c = self.config
-        self.logger.info(f"rendering {c.frames} frame(s) (seed {c.seed}) ...")
         t0 = time.monotonic()
-        frames = synthetic_frames(c.frames, seed=c.seed, realism=c.realism)
+        if c.sequence:
+            from im2hands_model.pipeline.tracking_bench import sequence_frames
+
+            self.logger.info(f"rendering a sequence through {c.sequence} key scenes "
+                             f"(seed {c.seed}) ...")  # fmt: skip
+            frames = [f for _, f in sequence_frames(c.seed, c.sequence, fps=c.rate)]
+            frames = frames + frames[-2:0:-1]  # forth and back: no jump when it starts again
+        else:
+            self.logger.info(f"rendering {c.frames} frame(s) (seed {c.seed}) ...")
+            frames = synthetic_frames(c.frames, seed=c.seed, realism=c.realism)
         t1 = time.monotonic()
         header = Header(frame_id=c.frame_id)
         self.frames = [_frame_messages(f, header, c) for f in frames]
         t2 = time.monotonic()
         self.logger.info(
-            f"rendered {c.frames} frame(s) in {t1 - t0:.1f} s "
-            f"({(t1 - t0) / c.frames:.2f} s per frame), messages built in {t2 - t1:.2f} s"
+            f"rendered {len(frames)} frame(s) in {t1 - t0:.1f} s "
+            f"({(t1 - t0) / len(frames):.2f} s per frame), messages built in {t2 - t1:.2f} s"
         )
 
     def start(self) -> None:

@@ -11,6 +11,8 @@ Arguments:
     keypoints: external keypoints topic (used with ``keypoint_source: topic``).
     depth: registered depth image topic (used with ``use_depth:=true``: 16UC1 mm or 32FC1 m).
     use_depth: overrides the file's ``use_depth`` (place the hands from the depth topic).
+    tracked_meshes: overrides the file's ``tracked_meshes`` (meshes at camera rate, re-posed
+        between full reconstructions).
     params_file: node parameters (default: the installed ``config/im2hands.yaml``).
     device: overrides the file's ``device`` (auto, cpu, cuda, cuda:N).
     namespace: namespace of the node and of its outputs (``<ns>/hands/mesh``, ...).
@@ -34,6 +36,7 @@ ARGUMENTS = (
     ("keypoints", "keypoints", "external keypoints (geometry_msgs/PoseArray, 42 poses)"),
     ("depth", "depth", "registered depth image (sensor_msgs/Image, 16UC1 mm or 32FC1 m)"),
     ("use_depth", "false", "place the hands from the depth topic"),
+    ("tracked_meshes", "false", "meshes at camera rate: re-posed between full reconstructions"),
     ("params_file", None, "node parameters YAML (default: the installed config/im2hands.yaml)"),
     ("device", "auto", "torch device: auto, cpu, cuda or cuda:N"),
     ("namespace", "", "namespace of the node and its topics"),
@@ -57,6 +60,8 @@ def generate_launch_description() -> LaunchDescription:
                 "device": LaunchConfiguration("device"),
                 "autostart": ParameterValue(LaunchConfiguration("autostart"), value_type=bool),
                 "use_depth": ParameterValue(LaunchConfiguration("use_depth"), value_type=bool),
+                "tracked_meshes": ParameterValue(LaunchConfiguration("tracked_meshes"),
+                                                 value_type=bool),
             },
         ],
         remappings=[

@@ -127,6 +127,24 @@ def test_bench_with_given_keypoints_uses_each_frames_ground_truth(tmp_path):
     assert report["frames_with_hands"] == 2 and "K" not in report["stages_ms"]
 
 
+def test_bench_tracking_writes_the_issue_keys_and_a_plot(tmp_path):
+    """A short real-time run (2 key scenes half a second apart, 64^3): the headline keys of
+    docs/tracking_bench.json, per-frame rows and the plot."""
+    out, plot = tmp_path / "tracking.json", tmp_path / "tracking.png"
+    proc = run("bench-tracking", "--keys", "2", "--seconds-per-key", "0.5", "--resolution", "64",
+               "--keypoint-source", "given", "--device", "cpu", "--json", str(out), "--plot",
+               str(plot), "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    for key in ("mesh_rate_hz", "latency_ms_reposed_median", "iou_reposed", "iou_full",
+                "full_speedup", "cpu_cores_used", "kinds", "per_frame"):  # fmt: skip
+        assert key in report, key
+    assert report["frames"] == 16 and 0 < report["frames_processed"] <= 16
+    assert sum(report["kinds"].values()) == report["frames_processed"]
+    assert report["full_speedup"] > 0 and report["cpu_cores_used"]["pipeline"] > 0
+    assert plot.stat().st_size > 1000
+
+
 def test_export_onnx_writes_the_graphs_and_their_manifest(tmp_path):
     proc = run("export-onnx", str(tmp_path / "onnx"))
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -223,6 +223,7 @@ def test_sigint_while_rendering_exits_cleanly(tmp_path):
     [
         ("rate:=-1.0", "parameter 'rate' must be > 0"),
         ("encoding:=yuv422", "parameter 'encoding' must be one of rgb8, bgr8"),
+        ("sequence:=1", "parameter 'sequence' must be 0 or at least 2 key scenes"),
     ],
 )
 def test_bad_parameter_exits_with_2(tmp_path, override, message):
@@ -235,3 +236,27 @@ def test_bad_parameter_exits_with_2(tmp_path, override, message):
     text = log.read_text()
     assert code == 2, text[-3000:]
     assert message in text and "Traceback" not in text
+
+
+def test_a_sequence_plays_moving_hands_with_their_ground_truth(tmp_path):
+    """``sequence:=2``: the hands move smoothly from frame to frame, with ground truth each."""
+    log = tmp_path / "camera.log"
+    count = 20
+    with Listener("camera_sequence_listener") as listener:
+        keypoints = listener.listen("ground_truth/keypoints", PoseArray, reliable=True)
+        images = listener.listen("image", Image, depth=10)
+        proc = spawn([CAMERA, "--ros-args", "-p", "rate:=15.0", "-p", "sequence:=2", "-p",
+                      f"count:={count}"], log)  # fmt: skip
+        try:
+            wait_for(lambda: proc.poll() is not None, START_TIMEOUT + count / 15.0,
+                     "the sequence run to exit", log)  # fmt: skip
+            wait_for(lambda: len(keypoints) >= count, 5.0, "every frame's keypoints", log)
+        finally:
+            code = stop(proc)
+    assert code == 0, log.read_text()[-3000:]
+    _no_traceback(log)
+    joints = np.stack([conv.keypoints_from_pose_array(m) for _, m in keypoints[:count]])
+    step = np.linalg.norm(np.diff(joints, axis=0), axis=-1).max(axis=(1, 2))
+    assert (step > 1e-4).all()  # every frame moves
+    assert step.max() < 0.08  # smoothly (metres per frame at 15 Hz)
+    assert images and conv.image_to_rgb(images[-1][1]).shape == (480, 640, 3)

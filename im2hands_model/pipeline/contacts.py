@@ -52,6 +52,10 @@ class GridOccupancy:
         self.rot = torch.as_tensor(rot, dtype=torch.float32, device=grid.values.device)
         self.origin = torch.as_tensor(origin, dtype=torch.float32, device=grid.values.device)
 
+    @property
+    def device(self) -> torch.device:
+        return self.grid.values.device
+
     def inside(self, hand: int, points: np.ndarray | torch.Tensor) -> torch.Tensor:
         """``[N]`` bool tensor: camera-frame points ``[N, 3]`` inside ``hand``."""
         dev = self.grid.values.device
@@ -73,14 +77,15 @@ def vertex_areas(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return out
 
 
-def _grid_penetration_m3(meshes: Sequence[Any], occ: GridOccupancy, voxel: float) -> float:
+def _grid_penetration_m3(meshes: Sequence[Any], occ: Any, voxel: float,
+                         max_voxels: int = _MAX_VOXELS) -> float:  # fmt: skip
     lo = np.maximum(meshes[0].vertices.min(0), meshes[1].vertices.min(0))
     hi = np.minimum(meshes[0].vertices.max(0), meshes[1].vertices.max(0))
     if np.any(hi <= lo):
         return 0.0
-    while np.prod(np.ceil((hi - lo) / voxel)) > _MAX_VOXELS:
+    while np.prod(np.ceil((hi - lo) / voxel)) > max_voxels:
         voxel *= 2.0
-    dev = occ.grid.values.device
+    dev = occ.device
     axes = [torch.arange(lo[i] + voxel / 2, hi[i], voxel, device=dev) for i in range(3)]
     if any(len(a) == 0 for a in axes):
         return 0.0
@@ -94,7 +99,8 @@ def hand_contacts(
     meshes: Sequence[Any | None],
     contact_distance: float = DEFAULT_CONTACT_DISTANCE,
     voxel_size: float = DEFAULT_VOXEL_SIZE,
-    occupancy: GridOccupancy | None = None,
+    occupancy: Any = None,
+    max_voxels: int = _MAX_VOXELS,
 ) -> ContactReport:
     """Contacts between ``meshes = [left, right]`` (camera frame, metres; closed).
 
@@ -102,7 +108,10 @@ def hand_contacts(
         meshes: the two hands' meshes (objects with ``vertices``/``faces``), ``None`` if missing.
         contact_distance: metres.
         voxel_size: penetration volume voxel edge, metres.
-        occupancy: the grids the meshes came from (fast inside tests; module docstring).
+        occupancy: the grids the meshes came from (fast inside tests; module docstring): a
+            :class:`GridOccupancy`, or anything with its ``device`` and ``inside``.
+        max_voxels: with ``occupancy``, the voxel edge doubles until the overlap of the hands'
+            boxes holds at most this many voxels (a bound on the time).
 
     Returns:
         :class:`ContactReport`; empty unless both meshes exist.
@@ -123,7 +132,7 @@ def hand_contacts(
     report.distance = [h.distance for h in per_hand]
     if found.penetrating:
         if occupancy is not None:
-            volume = _grid_penetration_m3(meshes, occupancy, voxel_size)
+            volume = _grid_penetration_m3(meshes, occupancy, voxel_size, max_voxels)
         else:
             volume = penetration_volume(a, b, voxel_size=voxel_size)
         report.penetration_volume_cm3 = volume * M3_TO_CM3

@@ -98,6 +98,13 @@ class PipelineConfig:
         presence_threshold: predictor presence probability that counts as a hand.
         max_pixels: largest accepted image.
         seed: anchor sampling seed (fixed: same frame, same meshes).
+        skip_r_gap_m: skip R when every keypoint of one hand is farther than this (metres)
+            from every keypoint of the other (``None``: R always runs). R refines how the two
+            hands meet; with a few centimetres between their skeletons (surfaces lie within
+            ~1.5 cm of them) it has nothing to separate, and skipping it saves its time.
+        keep_occupancy: keep the meshes' occupancy grids in the result
+            (:attr:`~im2hands_model.pipeline.result.Reconstruction.occupancy`; the video's
+            re-posed frames read their contacts off them).
     """
 
     keypoint_source: str = "mediapipe"
@@ -120,6 +127,8 @@ class PipelineConfig:
     presence_threshold: float = 0.5
     max_pixels: int = MAX_PIXELS
     seed: int = 0
+    skip_r_gap_m: float | None = None
+    keep_occupancy: bool = False
 
     def check(self) -> None:
         if self.detector_variant not in ("full", "lite"):
@@ -140,6 +149,8 @@ class PipelineConfig:
                 raise ValueError(f"{name} must lie in (0, 1)")
         if self.cull_parts is not None and not 1 <= self.cull_parts <= 16:
             raise ValueError("cull_parts must be None or 1..16")
+        if self.skip_r_gap_m is not None and not self.skip_r_gap_m >= 0:
+            raise ValueError("skip_r_gap_m must be None or >= 0 (metres)")
         if self.contact_distance < 0 or not self.voxel_size > 0:
             raise ValueError("contact_distance must be >= 0 and voxel_size > 0")
 
@@ -300,7 +311,22 @@ class Im2Hands:
         meshes, occupancy, queries = occupancy_stages(crop, timer)  # I, R, meshing
         with timer.stage("contacts"):
             contacts = hand_contacts(meshes, cfg.contact_distance, cfg.voxel_size, occupancy)
-        return self._result(frame, crop, found, meshes, contacts, queries, timer, t_start)
+        result = self._result(frame, crop, found, meshes, contacts, queries, timer, t_start)
+        if cfg.keep_occupancy:
+            result.occupancy = occupancy
+        return result
+
+    @torch.inference_mode()
+    def find_keypoints(self, image: Any, K: Any, keypoints: Any = None, depth: Any = None,
+                       stamp: float | None = None) -> Keypoints:  # fmt: skip
+        """The keypoint stages alone (the source, then K where it runs), as ``__call__`` runs
+        them: what a video runs on every frame
+        (:class:`~im2hands_model.pipeline.video.VideoReconstruction`). Arguments as there."""
+        frame = Frame.from_input(image, K, self.config.max_pixels)
+        found = self._keypoints(frame, keypoints, depth, stamp)
+        if found.any and self._uses_k(keypoints):
+            found = self._refine_keypoints(frame, found)
+        return found
 
     def _uses_k(self, keypoints: Any) -> bool:
         """K runs when switched on, or by default on the learned predictor's keypoints."""
@@ -348,7 +374,8 @@ class Im2Hands:
         meshes = crop.to_camera(grid_meshes(grid, threshold))
         queries = {"I": init.evaluated}
         network = {"I": init.seconds, "R": 0.0}
-        if cfg.refine_occupancy and cfg.use_image and any(m is not None for m in meshes):
+        if (cfg.refine_occupancy and cfg.use_image and any(m is not None for m in meshes)
+                and not self._hands_apart(crop.keypoints)):  # fmt: skip
             before = init.seconds
             refined = RefinedField(self.nets["ref_occ"], init, crop.image, meshes, cfg.seed)
             grid, _ = band_refined_grid(
@@ -365,6 +392,14 @@ class Im2Hands:
                 timer.add(stage, seconds)
         timer.add("meshing", max(timer.now() - t_start - sum(network.values()), 0.0))
         return meshes, GridOccupancy(grid, threshold, crop.rot, crop.origin), queries
+
+    def _hands_apart(self, keypoints: Keypoints) -> bool:
+        """Both hands found and their skeletons more than ``skip_r_gap_m`` apart."""
+        gap = self.config.skip_r_gap_m
+        if gap is None or not keypoints.present.all():
+            return False
+        a, b = keypoints.joints
+        return bool(np.linalg.norm(a[:, None] - b[None], axis=-1).min() > gap)
 
     def _reference_occupancy(self, crop: _Crop, timer: _Timer) -> tuple[list, None, dict]:
         """The paper protocol (:mod:`~im2hands_model.pipeline.reference`); contacts then test

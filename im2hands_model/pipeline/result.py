@@ -136,6 +136,15 @@ class Reconstruction:
         crop_K: ``[3, 3]`` intrinsics of the square crop the occupancy networks saw.
         crop_box: ``(x0, y0, side)`` of that crop in full-image pixels.
         message: why nothing was reconstructed (empty when hands were found).
+        kind: ``"full"`` (reconstructed from this frame), ``"reposed"`` (an earlier full
+            reconstruction carried to this frame's keypoints, see
+            :class:`~im2hands_model.pipeline.video.VideoReconstruction`) or ``"keypoints"``
+            (keypoints only: no shape to carry yet, or the pose moved too far).
+        shape_age_s: how old the meshes' shape is: this frame's stamp minus that of the frame
+            the shape was reconstructed from (0 for ``"full"``).
+        occupancy: the meshes' occupancy grids
+            (:class:`~im2hands_model.pipeline.contacts.GridOccupancy`), with
+            ``PipelineConfig.keep_occupancy`` only.
     """
 
     hands: list[HandResult | None]
@@ -145,6 +154,9 @@ class Reconstruction:
     crop_K: np.ndarray | None = None
     crop_box: tuple[float, float, float] | None = None
     message: str = ""
+    kind: str = "full"
+    shape_age_s: float = 0.0
+    occupancy: Any = None
 
     @property
     def left(self) -> HandResult | None:

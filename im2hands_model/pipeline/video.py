@@ -1,0 +1,246 @@
+"""Meshes at camera rate: full reconstructions in the background, re-posed meshes in between.
+
+:class:`VideoReconstruction` takes the frames of one video in order. On every frame it runs the
+keypoint stages only (tracked MediaPipe, ~15 ms on a CPU). A full K -> I -> R reconstruction runs
+on its own worker thread whenever the previous one is done, always on the newest frame. Every
+frame's meshes are the latest full reconstruction carried to that frame's keypoints by its
+parts' rigid transforms (:mod:`~im2hands_model.pipeline.reposing`), and its contacts and
+penetration are computed on those meshes. Each result says what it is
+(:attr:`~im2hands_model.pipeline.result.Reconstruction.kind`) and how old its shape is.
+
+The full reconstructions skip R while the hands are apart (R refines how they meet; measured in
+``docs/tracking.md``). When a finger part has turned more than ``max_part_turn_deg`` since the
+full reconstruction,
+carrying it would bend the surface too far: the frame gets keypoints only (``kind
+"keypoints"``) until the next full reconstruction arrives. A hand found in the frame that the
+shape does not have yet also waits for it.
+
+``background=False`` runs the full reconstructions inline instead (deterministic, for tests and
+benchmarks): one whenever ``full_every`` frames have passed, the pose moved too far, or a hand
+appeared.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import trimesh
+
+from im2hands_model.meshing import Mesh
+from im2hands_model.pipeline.contacts import hand_contacts
+from im2hands_model.pipeline.reposing import (
+    MAX_PART_TURN_DEG,
+    MeshBinding,
+    Reposed,
+    ReposedOccupancy,
+    bind_mesh,
+    repose_mesh,
+)
+from im2hands_model.pipeline.result import (
+    HAND_NAMES,
+    ContactReport,
+    HandResult,
+    Keypoints,
+    Reconstruction,
+)
+
+__all__ = ["SKIP_R_GAP_M", "VideoReconstruction"]
+
+log = logging.getLogger(__name__)
+
+#: Penetration-volume voxels of a re-posed frame at most (the voxel edge grows beyond): each
+#: costs a nearest-vertex query, and a re-posed frame must stay within the camera period.
+REPOSED_MAX_VOXELS = 60_000
+#: The full reconstructions' R is skipped when the hands' skeletons are this far apart (metres).
+SKIP_R_GAP_M = 0.06
+#: Stamp step assumed when frames come without stamps (a 30 Hz camera).
+DEFAULT_FRAME_PERIOD_S = 1.0 / 30.0
+
+
+@dataclass
+class _Shape:
+    """A full reconstruction, bound to its keypoints for re-posing."""
+
+    result: Reconstruction
+    bindings: list[MeshBinding | None]
+    stamp: float
+
+
+class VideoReconstruction:
+    """Two-hand meshes for every frame of a video (module docstring).
+
+    Args:
+        model: an :class:`~im2hands_model.pipeline.model.Im2Hands`; with the MediaPipe source
+            its hands are tracked from frame to frame.
+        background: run the full reconstructions on a worker thread (default) or inline.
+        max_part_turn_deg: stop re-posing beyond this finger-part rotation since the shape.
+        full_every: with ``background=False``, frames between full reconstructions.
+        shortcuts: the full reconstructions skip R when the hands are apart
+            (``PipelineConfig.skip_r_gap_m`` = :data:`SKIP_R_GAP_M`, unless the model sets it).
+    """
+
+    def __init__(self, model: Any, background: bool = True,
+                 max_part_turn_deg: float = MAX_PART_TURN_DEG, full_every: int = 10,
+                 shortcuts: bool = True) -> None:  # fmt: skip
+        if max_part_turn_deg <= 0 or full_every < 1:
+            raise ValueError("max_part_turn_deg must be positive and full_every at least 1")
+        cfg = model.config
+        if cfg.keypoint_source == "mediapipe" and not cfg.track_hands:
+            model = model.configured(track_hands=True)
+        self.model = model
+        # the full reconstructions take this frame's keypoints as they are (K already ran)
+        gap = cfg.skip_r_gap_m if cfg.skip_r_gap_m is not None or not shortcuts else SKIP_R_GAP_M
+        self.full_model = model.configured(keypoint_source="given", refine_keypoints=False,
+                                           keep_occupancy=True, skip_r_gap_m=gap)  # fmt: skip
+        self.background = background
+        self.max_part_turn_deg = float(max_part_turn_deg)
+        self.full_every = int(full_every)
+        self._pool = ThreadPoolExecutor(1, "im2hands-full") if background else None
+        self._pending: Future | None = None
+        self._shape: _Shape | None = None
+        self._since_full = 0
+        self._last_stamp: float | None = None
+        #: counts of results by kind, and of full reconstructions that failed
+        self.counts = {"full": 0, "reposed": 0, "keypoints": 0, "failed": 0}
+
+    # ------------------------------------------------------------------ the frame
+    def __call__(self, image: Any, K: Any, keypoints: Any = None, depth: Any = None,
+                 stamp: float | None = None) -> Reconstruction:  # fmt: skip
+        """The frame's meshes (full or re-posed) or keypoints; arguments as
+        :meth:`Im2Hands.__call__ <im2hands_model.pipeline.model.Im2Hands.__call__>`."""
+        t0 = time.perf_counter()
+        if stamp is None:
+            stamp = 0.0 if self._last_stamp is None else self._last_stamp + DEFAULT_FRAME_PERIOD_S
+        self._last_stamp = stamp
+        found = self.model.find_keypoints(image, K, keypoints, depth, stamp)
+        keypoint_ms = (time.perf_counter() - t0) * 1e3
+        self._collect()
+        if not found.any:
+            return self._finish(self._keypoints_only(found, "no hand found"), t0, keypoint_ms)
+        if self.background:
+            if self._pending is None:  # the worker is idle: give it the newest frame
+                self._pending = self._pool.submit(self._full, image, K, found, stamp)
+        else:
+            self._since_full += 1
+            if self._shape is None or self._since_full >= self.full_every:
+                return self._finish(self._run_full_inline(image, K, found, stamp), t0, keypoint_ms)
+        result, reason = self._reposed(found, stamp)
+        if result is None and not self.background:  # moved too far or a new hand: reconstruct
+            return self._finish(self._run_full_inline(image, K, found, stamp), t0, keypoint_ms)
+        if result is None:
+            result = self._keypoints_only(found, reason)
+        return self._finish(result, t0, keypoint_ms)
+
+    def close(self) -> None:
+        """Stop the worker (waits for a running reconstruction)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._pending = None
+
+    def reset(self) -> None:
+        """Forget the shape and the tracked hands (the next frame starts a new video)."""
+        if self._pending is not None:
+            self._pending.cancel()
+            try:
+                self._pending.result()
+            except Exception:  # noqa: BLE001 - a failed reconstruction of the old video
+                pass
+        self._pending, self._shape, self._since_full, self._last_stamp = None, None, 0, None
+        self.model.reset_tracking()
+
+    def __enter__(self) -> VideoReconstruction:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def keypoint_report(self) -> Any:
+        return self.model.keypoint_report
+
+    # ------------------------------------------------------------------ full reconstructions
+    def _full(self, image: Any, K: Any, found: Keypoints, stamp: float) -> _Shape:
+        result = self.full_model(image, K, keypoints=found)
+        bindings = [
+            None if hand is None or hand.mesh is None
+            else bind_mesh(hand.mesh.vertices, hand.mesh.faces, hand.keypoints, h == 0)
+            for h, hand in enumerate(result.hands)
+        ]  # fmt: skip
+        return _Shape(result, bindings, stamp)
+
+    def _run_full_inline(self, image: Any, K: Any, found: Keypoints, stamp: float
+                         ) -> Reconstruction:  # fmt: skip
+        self._shape = self._full(image, K, found, stamp)
+        self._since_full = 0
+        return self._shape.result
+
+    def _collect(self) -> None:
+        """Take a finished background reconstruction as the new shape."""
+        if self._pending is None or not self._pending.done():
+            return
+        future, self._pending = self._pending, None
+        try:
+            self._shape = future.result()
+        except Exception as exc:  # noqa: BLE001 - logged and counted; the video goes on
+            self.counts["failed"] += 1
+            log.warning("full reconstruction failed (%s: %s); re-posing the previous shape",
+                        type(exc).__name__, exc)  # fmt: skip
+
+    # ------------------------------------------------------------------ re-posed frames
+    def _reposed(self, found: Keypoints, stamp: float) -> tuple[Reconstruction | None, str]:
+        shape = self._shape
+        if shape is None:
+            return None, "waiting for the first full reconstruction"
+        hands: list[HandResult | None] = [None, None]
+        meshes: list[Mesh | None] = [None, None]
+        moved_hands: list[Reposed | None] = [None, None]
+        for h in range(2):
+            if not found.present[h]:
+                continue
+            binding = shape.bindings[h]
+            if binding is None:
+                return None, f"the {HAND_NAMES[h]} hand is new: waiting for its reconstruction"
+            moved = repose_mesh(binding, found.joints[h])
+            if moved.part_turn_deg > self.max_part_turn_deg:
+                turn = f"{moved.part_turn_deg:.0f} deg"
+                return None, f"the {HAND_NAMES[h]} hand's pose moved {turn} since its shape"
+            meshes[h] = Mesh(moved.vertices, moved.faces)
+            moved_hands[h] = moved
+            mesh = trimesh.Trimesh(moved.vertices, moved.faces, process=False)
+            hands[h] = HandResult(HAND_NAMES[h], mesh, found.joints[h].copy(),
+                                  float(found.confidence[h]))  # fmt: skip
+        t0 = time.perf_counter()
+        cfg = self.model.config
+        grids = None
+        if all(m is not None for m in moved_hands) and shape.result.occupancy is not None:
+            grids = ReposedOccupancy(shape.result.occupancy, shape.bindings, moved_hands)
+        contacts = hand_contacts(meshes, cfg.contact_distance, cfg.voxel_size, grids,
+                                 REPOSED_MAX_VOXELS)  # fmt: skip
+        timings = {"repose_contacts": (time.perf_counter() - t0) * 1e3}
+        full = shape.result
+        age = float(stamp - shape.stamp)
+        return Reconstruction(hands, contacts, timings, {}, full.crop_K, full.crop_box, "",
+                              kind="reposed", shape_age_s=age), ""  # fmt: skip
+
+    def _keypoints_only(self, found: Keypoints, reason: str) -> Reconstruction:
+        hands = [
+            HandResult(HAND_NAMES[h], None, found.joints[h].copy(), float(found.confidence[h]))
+            if found.present[h] else None
+            for h in range(2)
+        ]  # fmt: skip
+        report = ContactReport(contact_distance=self.model.config.contact_distance)
+        return Reconstruction(hands, report, {}, message=reason, kind="keypoints")
+
+    def _finish(self, result: Reconstruction, t0: float, keypoint_ms: float) -> Reconstruction:
+        timings = dict(result.timings_ms)
+        timings["keypoints"] = keypoint_ms
+        timings["frame"] = (time.perf_counter() - t0) * 1e3
+        result.timings_ms = timings
+        self.counts[result.kind] += 1
+        return result
+

@@ -1,0 +1,140 @@
+"""Meshes carried between full reconstructions: re-posing by the parts' transforms, and the
+video object that schedules full reconstructions and re-poses in between (real Anny meshes,
+real rendered sequences, the shipped networks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from scipy.spatial.transform import Rotation
+
+from im2hands_model.evaluation import hand_metrics
+from im2hands_model.pipeline.model import Im2Hands
+from im2hands_model.pipeline.reposing import bind_mesh, repose_mesh
+from im2hands_model.pipeline.tracking_bench import sequence_frames
+from im2hands_model.pipeline.video import VideoReconstruction
+
+
+@pytest.fixture(scope="module")
+def sequence():
+    """Two key scenes 1 s apart at 15 Hz: 16 frames of moving, turning, closing hands."""
+    return sequence_frames(seed=4343, keys=2, fps=15.0)
+
+
+@pytest.fixture(scope="module")
+def model() -> Im2Hands:
+    torch.set_num_threads(2)
+    return Im2Hands.from_pretrained(device="cpu", resolution=64, keypoint_source="given")
+
+
+def _iou(vertices, faces, frame, h: int) -> float:
+    mesh = trimesh.Trimesh(vertices, faces, process=False)
+    m = hand_metrics(mesh, frame.vertices[h], frame.faces[h], None, frame.joints[h],
+                     np.random.default_rng(0), 20_000, 200)  # fmt: skip
+    return m["iou"]
+
+
+def test_the_sequence_moves_smoothly_with_ground_truth_per_frame(sequence):
+    stamps = np.array([s for s, _ in sequence])
+    np.testing.assert_allclose(np.diff(stamps), 1 / 15.0)
+    joints = np.stack([f.joints for _, f in sequence])  # [T, 2, 21, 3]
+    step = np.linalg.norm(np.diff(joints, axis=0), axis=-1).max(axis=(1, 2))
+    # eased in and out: no jump (the fastest step of an eased motion is 1.5x the mean one)
+    assert step.max() < 1.7 * step.mean() and step.max() < 0.06
+    assert np.linalg.norm(joints[-1] - joints[0], axis=-1).max() > 0.05  # and it does move
+    first = sequence[0][1]
+    assert first.image.shape == (480, 640, 3) and first.depth.max() > 0
+    assert (first.depth[first.depth > 0] < 2.0).all()
+
+
+def test_reposing_to_the_same_or_a_rigidly_moved_pose_is_exact(sequence):
+    frame = sequence[0][1]
+    for h in (0, 1):
+        binding = bind_mesh(frame.vertices[h], frame.faces[h], frame.joints[h], h == 0)
+        same = repose_mesh(binding, frame.joints[h])
+        np.testing.assert_allclose(same.vertices, frame.vertices[h], atol=1e-5)
+        assert same.part_turn_deg < 1e-3
+        rot = Rotation.from_euler("xyz", [20, -35, 50], degrees=True).as_matrix()
+        shift = np.array([0.05, -0.02, 0.1])
+        moved = repose_mesh(binding, frame.joints[h] @ rot.T + shift)
+        np.testing.assert_allclose(moved.vertices, frame.vertices[h] @ rot.T + shift, atol=1e-5)
+        assert moved.part_turn_deg < 1e-3
+    with pytest.raises(ValueError, match="non-finite or degenerate"):
+        repose_mesh(binding, np.full((21, 3), np.nan))
+
+
+def test_reposed_ground_truth_follows_the_fingers_and_stays_watertight(sequence):
+    """The ground-truth mesh of the first frame, carried to the keypoints of later frames,
+    matches their ground truth far better than the unchanged first mesh does."""
+    first = sequence[0][1]
+    reposed_iou, held_iou = [], []
+    for _, frame in sequence[3::4]:
+        for h in (0, 1):
+            binding = bind_mesh(first.vertices[h], first.faces[h], first.joints[h], h == 0)
+            moved = repose_mesh(binding, frame.joints[h])
+            assert trimesh.Trimesh(moved.vertices, moved.faces, process=False).is_watertight
+            reposed_iou.append(_iou(moved.vertices, moved.faces, frame, h))
+            held_iou.append(_iou(first.vertices[h], first.faces[h], frame, h))
+    assert np.mean(reposed_iou) > 80.0
+    assert np.mean(reposed_iou) > np.mean(held_iou) + 20.0
+
+
+def test_video_reconstructs_then_reposes_in_between(model, sequence):
+    video = VideoReconstruction(model, background=False, full_every=4, max_part_turn_deg=90.0)
+    kinds, ious = [], {"reposed": [], "full": []}
+    for i, (stamp, frame) in enumerate(sequence[:9]):
+        result = video(frame.image, frame.K, keypoints=frame.keypoints, stamp=stamp)
+        kinds.append(result.kind)
+        assert result.timings_ms["frame"] > 0 and "keypoints" in result.timings_ms
+        for h in (0, 1):
+            mesh = result.hands[h].mesh
+            assert mesh.is_watertight
+            ious[result.kind].append(_iou(mesh.vertices, mesh.faces, frame, h))
+        if result.kind == "reposed":
+            assert result.shape_age_s == pytest.approx(stamp - sequence[4 * (i // 4)][0])
+            assert result.contacts.contact_distance == model.config.contact_distance
+        else:
+            assert result.shape_age_s == 0.0
+    assert kinds == ["full", "reposed", "reposed", "reposed", "full", "reposed", "reposed",
+                     "reposed", "full"]  # fmt: skip
+    assert video.counts == {"full": 3, "reposed": 6, "keypoints": 0, "failed": 0}
+    assert np.mean(ious["reposed"]) > np.mean(ious["full"]) - 8.0
+
+
+def test_video_waits_when_the_pose_moved_too_far(model, sequence):
+    video = VideoReconstruction(model, background=True, max_part_turn_deg=0.5)
+    try:
+        stamp, frame = sequence[0]
+        first = video(frame.image, frame.K, keypoints=frame.keypoints, stamp=stamp)
+        assert first.kind == "keypoints" and "first full reconstruction" in first.message
+        assert all(h.mesh is None for h in first.hands)
+        video._pending.result(timeout=120)  # the worker's reconstruction of frame 0
+        stamp, frame = sequence[8]
+        later = video(frame.image, frame.K, keypoints=frame.keypoints, stamp=stamp)
+        assert later.kind == "keypoints" and "moved" in later.message
+        np.testing.assert_allclose(later.hands[1].keypoints, frame.joints[1], atol=1e-6)
+    finally:
+        video.close()
+
+
+def test_a_failing_full_reconstruction_is_counted_and_the_video_goes_on(model, sequence):
+    video = VideoReconstruction(model, background=True)
+    try:
+        stamp, frame = sequence[0]
+        video(frame.image, frame.K, keypoints=frame.keypoints, stamp=stamp)
+        video._pending.result(timeout=120)
+        # the worker gets an image it refuses (the keypoints still pass: they are checked
+        # against the full-size image on this thread)
+        video.full_model = video.full_model.configured(max_pixels=16)
+        stamp, frame = sequence[1]
+        video(frame.image, frame.K, keypoints=frame.keypoints, stamp=stamp)
+        with pytest.raises(Exception, match="pixels"):
+            video._pending.result(timeout=120)
+        stamp, frame = sequence[2]
+        result = video(frame.image, frame.K, keypoints=frame.keypoints, stamp=stamp)
+        assert video.counts["failed"] == 1
+        assert result.kind == "reposed" and result.hands[0].mesh.is_watertight
+    finally:
+        video.close()
