@@ -459,13 +459,20 @@ def mise_grid(
     valid: Sequence[bool] | Tensor | None = None,
     dilate: bool = True,
     dilate_final: bool = True,
+    prior: OccupancyFn | None = None,
 ) -> tuple[Grid, MeshingStats]:
     """The MISE evaluations of :func:`extract_meshes_with_stats` without the marching cubes:
     ``(grid, stats)`` (same arguments).
 
     ``dilate_final=False`` skips the one-cell dilation before the last split only: the coarser
     levels have already caught thin parts, and the last level then evaluates about half as many
-    points (the inference pipeline's setting; the paper protocol dilates every level)."""
+    points (the inference pipeline's setting; the paper protocol dilates every level).
+
+    ``prior``: an occupancy function (same contract as ``occ_fn``, e.g. the previous frame's
+    occupancy carried to this pose) that answers the coarse level instead of ``occ_fn``: the
+    finer levels then evaluate ``occ_fn`` on the band around the prior's surface, where every
+    point is computed anew (coarse points included), so only a surface that moved more than a
+    coarse cell from the prior's is missed."""
     _check_args(num_hands, resolution, threshold, box_half, max_points)
     if upsampling_steps < 0:
         raise ValueError(f"upsampling_steps must be >= 0, got {upsampling_steps}")
@@ -489,9 +496,13 @@ def mise_grid(
             need &= ok_t
         n = values.shape[1]
         spacing = 2.0 * box_half / (n - 1)
+        fn = prior if (level == 0 and prior is not None) else occ_fn
         counts, padded, calls = _evaluate(
-            occ_fn, values, known, need, spacing, box_half, max_points, ok
+            fn, values, known, need, spacing, box_half, max_points, ok
         )
+        if fn is prior:  # the prior's answers are guesses: the finer levels evaluate again
+            known.zero_()
+            counts = [0] * len(counts)
         synchronize(dev)
         stats.levels.append(LevelStats(level, n, counts, padded, calls, time.perf_counter() - t0))
     stats.total_seconds = time.perf_counter() - t_start

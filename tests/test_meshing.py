@@ -458,3 +458,25 @@ def test_paper_table_puts_ours_beside_the_published_numbers():
     assert f"| 70.0 | {PUBLISHED_MESHES['HALO']['iou']:.1f} |" in rows["HALO (keypoint-only I)"]
     assert "| – | – | – | – |" in rows["Im2Hands I (no R)"]  # not evaluated, not published
     assert "| 8.79 |" in rows["IntagHand (paper)"] and "| 11.50 |" in rows["pred. kpts + K (ours)"]
+
+
+def test_a_prior_answers_the_coarse_level_and_the_surface_is_still_the_fields():
+    """MISE from a prior (a slightly moved sphere: last frame's shape): the coarse level asks the
+    prior, not the field; the finer levels evaluate the field on the prior's band, and the mesh
+    is the field's own, as without the prior."""
+    from im2hands_model.meshing import grid_meshes, mise_grid
+
+    moved = (SPHERE_C[0] + 0.01, SPHERE_C[1], SPHERE_C[2])
+
+    def prior(points: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(-STEEP * sdf_sphere(points, centre=moved))
+
+    field = Recorder(fields=(sdf_sphere,))
+    grid, stats = mise_grid(field, 1, 32, 2, prior=prior)
+    plain, plain_stats = mise_grid(Recorder(fields=(sdf_sphere,)), 1, 32, 2)
+    assert stats.levels[0].points_per_hand == [0]  # the coarse level came from the prior
+    assert sum(stats.points_per_hand) < sum(plain_stats.points_per_hand)
+    got, want = grid_meshes(grid, 0.5)[0], grid_meshes(plain, 0.5)[0]
+    assert max_vertex_distance(got, want) < 1e-4
+    radius = np.linalg.norm(got.vertices - np.array(SPHERE_C), axis=1).mean()
+    assert radius == pytest.approx(SPHERE_R, abs=1e-3)  # the field's sphere, not the prior's

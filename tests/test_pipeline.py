@@ -89,6 +89,23 @@ def test_pipelines_with_different_shortcuts_share_one_set_of_networks(model, fra
         assert not hasattr(net, "skip_distance") and not hasattr(net, "cull_parts")
 
 
+def test_r_is_skipped_only_for_hands_apart(model, frames):
+    """``skip_r_gap_m``: R does not run for hands apart (frame 0) and runs for clasped hands
+    (frame 1), whose meshes stay exactly those of the pipeline without the shortcut."""
+    skip = model.configured(skip_r_gap_m=0.06)
+    apart, clasped = frames
+    gap = np.linalg.norm(apart.joints[0][:, None] - apart.joints[1][None], axis=-1).min()
+    assert gap > 0.06
+    result = skip(apart.image, apart.K, keypoints=apart.keypoints)
+    assert "R" not in result.queries and "R" not in result.timings_ms
+    assert all(_iou(result, apart, h) > IOU_FLOOR for h in (0, 1))
+    with_r = skip(clasped.image, clasped.K, keypoints=clasped.keypoints)
+    plain = model(clasped.image, clasped.K, keypoints=clasped.keypoints)
+    assert with_r.queries["R"] > 0
+    for a, b in zip(with_r.hands, plain.hands, strict=True):
+        np.testing.assert_array_equal(a.mesh.vertices, b.mesh.vertices)
+
+
 def test_switches_select_the_stages(model, frames):
     frame = frames[0]
     halo = model.configured(use_image=False)(frame.image, frame.K, keypoints=frame.keypoints)

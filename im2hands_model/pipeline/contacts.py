@@ -58,6 +58,11 @@ class GridOccupancy:
 
     def inside(self, hand: int, points: np.ndarray | torch.Tensor) -> torch.Tensor:
         """``[N]`` bool tensor: camera-frame points ``[N, 3]`` inside ``hand``."""
+        return self.values(hand, points) >= self.threshold
+
+    def values(self, hand: int, points: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``[N]`` occupancy probabilities of ``hand`` at camera-frame points ``[N, 3]``
+        (trilinear in its grid; 0 outside the grid's box)."""
         dev = self.grid.values.device
         p = torch.as_tensor(points, dtype=torch.float32, device=dev)
         norm = (p - self.origin[hand]) @ self.rot[hand].T / NORM_SCALE
@@ -65,7 +70,7 @@ class GridOccupancy:
         coords = (norm / self.grid.box_half).flip(-1).view(1, 1, 1, -1, 3)
         vol = self.grid.values[hand][None, None]
         val = F.grid_sample(vol, coords, mode="bilinear", padding_mode="zeros", align_corners=True)
-        return val.view(-1) >= self.threshold
+        return val.view(-1)
 
 
 def vertex_areas(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from im2hands_model.hands import root_frame
+from im2hands_model.hands import from_normalized, root_frame
 from im2hands_model.meshing import (
     THRESHOLD_I,
     THRESHOLD_R,
@@ -195,6 +195,17 @@ class _Crop:
         return [mesh_to_camera(m, self.rot[h], self.origin[h]) for h, m in enumerate(meshes)]
 
 
+def _prior_fn(prior: Any, crop: _Crop) -> Any:
+    """The mesher's occupancy function of a ``prior`` given in camera coordinates."""
+    rot, origin = crop.rot.to(crop.joints.device), crop.origin.to(crop.joints.device)
+
+    def fn(points_norm: torch.Tensor) -> torch.Tensor:  # [2, P, 3] -> [2, P]
+        cam = from_normalized(points_norm, rot, origin)
+        return torch.stack([prior.values(h, cam[h]).to(points_norm) for h in range(2)])
+
+    return fn
+
+
 class Im2Hands:
     """The two-hand reconstruction pipeline (module docstring).
 
@@ -273,7 +284,7 @@ class Im2Hands:
 
     @torch.inference_mode()
     def __call__(self, image: Any, K: Any, keypoints: Any = None, depth: Any = None,
-                 stamp: float | None = None) -> Reconstruction:  # fmt: skip
+                 stamp: float | None = None, prior: Any = None) -> Reconstruction:  # fmt: skip
         """Reconstruct both hands of one frame.
 
         Args:
@@ -287,6 +298,10 @@ class Im2Hands:
                 hand from it (a depth image that does not fit is ignored with a warning, see
                 :attr:`keypoint_report`).
             stamp: the frame's time in seconds (tracking and smoothing; default 30 Hz).
+            prior: a guess of this frame's occupancy, with ``values(hand, camera points)``
+                (e.g. the previous frame's carried to these keypoints,
+                :class:`~im2hands_model.pipeline.reposing.ReposedOccupancy`): MISE's coarse
+                level reads it instead of running I (see ``meshing.mise_grid``).
 
         Returns:
             :class:`~im2hands_model.pipeline.result.Reconstruction` (``.empty`` with a
@@ -308,7 +323,7 @@ class Im2Hands:
             found = self._refine_keypoints(frame, found) if use_k else found  # K
         crop = _Crop(frame, found, self.device)  # the training-style crop around the hands
         occupancy_stages = self._reference_occupancy if cfg.reference else self._occupancy
-        meshes, occupancy, queries = occupancy_stages(crop, timer)  # I, R, meshing
+        meshes, occupancy, queries = occupancy_stages(crop, timer, prior)  # I, R, meshing
         with timer.stage("contacts"):
             contacts = hand_contacts(meshes, cfg.contact_distance, cfg.voxel_size, occupancy)
         result = self._result(frame, crop, found, meshes, contacts, queries, timer, t_start)
@@ -353,7 +368,8 @@ class Im2Hands:
             (window.x0, window.y0, window.side), message,
         )  # fmt: skip
 
-    def _occupancy(self, crop: _Crop, timer: _Timer) -> tuple[list, GridOccupancy, dict]:
+    def _occupancy(self, crop: _Crop, timer: _Timer, prior: Any = None,
+                   ) -> tuple[list, GridOccupancy, dict]:  # fmt: skip
         """I, then R, meshed fast: ``(camera-frame meshes, their grid, queries per stage)``.
 
         Time is booked per stage: network time (encoders and queries) under ``I`` / ``R``, the
@@ -369,6 +385,7 @@ class Im2Hands:
         grid, _ = mise_grid(
             init, 2, cfg.coarse_resolution, steps, cfg.threshold_i, device=self.device,
             valid=crop.keypoints.present.tolist(), dilate_final=cfg.dilate_final,
+            prior=None if prior is None else _prior_fn(prior, crop),
         )  # fmt: skip
         threshold = cfg.threshold_i
         meshes = crop.to_camera(grid_meshes(grid, threshold))
@@ -401,7 +418,8 @@ class Im2Hands:
         a, b = keypoints.joints
         return bool(np.linalg.norm(a[:, None] - b[None], axis=-1).min() > gap)
 
-    def _reference_occupancy(self, crop: _Crop, timer: _Timer) -> tuple[list, None, dict]:
+    def _reference_occupancy(self, crop: _Crop, timer: _Timer, prior: Any = None,
+                             ) -> tuple[list, None, dict]:  # fmt: skip
         """The paper protocol (:mod:`~im2hands_model.pipeline.reference`); contacts then test
         the meshes themselves."""
         cfg = self.config

@@ -36,6 +36,9 @@ __all__ = ["BLEND_SCALE", "MAX_PART_TURN_DEG", "MeshBinding", "Reposed", "Repose
 #: Softness of the part weights (normalised units, 0.4 m each, so 1 mm): a vertex 1 mm nearer to
 #: one bone than to another takes 73 % of its position from it; 5 mm nearer, over 99 %.
 BLEND_SCALE = 0.0025
+#: Points farther than this from every re-posed vertex are outside it (normalised units: 3 cm;
+#: no point inside a hand is that far from its surface).
+CARRY_REACH = 0.075
 #: Default limit of :attr:`Reposed.part_turn_deg` beyond which re-posing should stop.
 MAX_PART_TURN_DEG = 90.0
 
@@ -163,15 +166,25 @@ class ReposedOccupancy:
 
     def inside(self, hand: int, points: Any) -> Tensor:
         """``[N]`` bool tensor: camera-frame points ``[N, 3]`` inside ``hand``'s re-posed mesh."""
+        return self.values(hand, points) >= self.grids.threshold
+
+    def values(self, hand: int, points: Any) -> Tensor:
+        """``[N]`` float32 occupancy probabilities of ``hand`` at camera-frame points ``[N, 3]``:
+        the full reconstruction's, carried (0 beyond :data:`CARRY_REACH` of every vertex)."""
         p = torch.as_tensor(np.asarray(points.cpu() if hasattr(points, "cpu") else points),
                             dtype=torch.float64)  # fmt: skip
         b, r = self.bindings[hand], self.reposed[hand]
         n_new = r.pose.to_normalized(p[None])[0]
-        _, idx = self._trees[hand].query(n_new.numpy())
+        dist, idx = self._trees[hand].query(n_new.numpy(), distance_upper_bound=CARRY_REACH)
+        near = torch.as_tensor(np.isfinite(dist))
+        out = torch.zeros(len(p), dtype=torch.float32)
+        if not bool(near.any()):
+            return out.to(self.device)
         rot, shift = self._motion[hand]
-        idx = torch.as_tensor(idx)
-        n_old = (rot[idx] @ n_new[..., None])[..., 0] + shift[idx]
+        idx = torch.as_tensor(idx[near.numpy()])
+        n_old = (rot[idx] @ n_new[near][..., None])[..., 0] + shift[idx]
         if b.is_left:
             n_old = mirror_normalized(n_old)
         cam = from_normalized(n_old[None], b.pose.rot, b.pose.origin)[0]
-        return self.grids.inside(hand, cam.float())
+        out[near] = self.grids.values(hand, cam.float()).cpu()
+        return out.to(self.device)

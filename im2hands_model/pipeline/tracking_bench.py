@@ -80,7 +80,9 @@ def run_tracking_bench(model: Any, frames: list[tuple[float, BenchFrame]], fps: 
     """Play ``frames`` in real time through the three variants (module docstring)."""
     from tqdm import tqdm
 
-    from im2hands_model.pipeline.video import VideoReconstruction
+    from im2hands_model.pipeline.frame import Frame
+    from im2hands_model.pipeline.keypoints import given_keypoints
+    from im2hands_model.pipeline.video import VideoReconstruction, carried_occupancy
 
     given = model.config.keypoint_source == "given"
     # warm-up: the first calls with a new input size are slow on the CPU
@@ -126,7 +128,8 @@ def run_tracking_bench(model: Any, frames: list[tuple[float, BenchFrame]], fps: 
             done = time.monotonic() - start
             shape = video._shape  # the shape this frame was made from (held variant)
             played.append({"index": newest, "result": result, "latency_ms": (done - stamp) * 1e3,
-                           "held": None if shape is None else shape.result})  # fmt: skip
+                           "held": None if shape is None else shape.result,
+                           "shape": shape})  # fmt: skip
             bar.update(newest - last)
             last = newest
     finally:
@@ -172,8 +175,10 @@ def run_tracking_bench(model: Any, frames: list[tuple[float, BenchFrame]], fps: 
         keypoints = frame.keypoints if given else _keypoints_of(p["result"])
         if p["result"].empty:
             continue
+        found = given_keypoints(keypoints, Frame.from_input(frame.image, frame.K))
+        prior = carried_occupancy(p["shape"], found)
         for key, m in (("off", plain), ("on", full_model)):
-            r = m(frame.image, frame.K, keypoints=keypoints)
+            r = m(frame.image, frame.K, keypoints=keypoints, prior=prior if key == "on" else None)
             speed[key].append(r.timings_ms["total"])
             speed[f"iou_{key}"].append(frame_iou(r, frame, iou_points, i))
     fulls = len({id(p["held"]) for p in played if p["held"] is not None})

@@ -1,16 +1,18 @@
 """Meshes at camera rate: full reconstructions in the background, re-posed meshes in between.
 
 :class:`VideoReconstruction` takes the frames of one video in order. On every frame it runs the
-keypoint stages only (tracked MediaPipe, ~15 ms on a CPU). A full K -> I -> R reconstruction runs
+keypoint stages only (tracked MediaPipe: a few ms). A full K -> I -> R reconstruction runs
 on its own worker thread whenever the previous one is done, always on the newest frame. Every
 frame's meshes are the latest full reconstruction carried to that frame's keypoints by its
 parts' rigid transforms (:mod:`~im2hands_model.pipeline.reposing`), and its contacts and
 penetration are computed on those meshes. Each result says what it is
 (:attr:`~im2hands_model.pipeline.result.Reconstruction.kind`) and how old its shape is.
 
-The full reconstructions skip R while the hands are apart (R refines how they meet; measured in
-``docs/tracking.md``). When a finger part has turned more than ``max_part_turn_deg`` since the
-full reconstruction,
+The full reconstructions use the video's coherence: MISE starts from the previous shape carried
+to the new keypoints (its coarse level is read off that shape instead of running I), and R is
+skipped while the hands are apart (R refines how they meet); measured in ``docs/tracking.md``.
+
+When a finger part has turned more than ``max_part_turn_deg`` since the full reconstruction,
 carrying it would bend the surface too far: the frame gets keypoints only (``kind
 "keypoints"``) until the next full reconstruction arrives. A hand found in the frame that the
 shape does not have yet also waits for it.
@@ -48,7 +50,7 @@ from im2hands_model.pipeline.result import (
     Reconstruction,
 )
 
-__all__ = ["SKIP_R_GAP_M", "VideoReconstruction"]
+__all__ = ["PRIOR_MAX_TURN_DEG", "SKIP_R_GAP_M", "VideoReconstruction", "carried_occupancy"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,9 @@ log = logging.getLogger(__name__)
 REPOSED_MAX_VOXELS = 60_000
 #: The full reconstructions' R is skipped when the hands' skeletons are this far apart (metres).
 SKIP_R_GAP_M = 0.06
+#: A full reconstruction starts MISE from the previous shape carried to its keypoints when no
+#: finger part turned more than this (degrees) since that shape.
+PRIOR_MAX_TURN_DEG = 30.0
 #: Stamp step assumed when frames come without stamps (a 30 Hz camera).
 DEFAULT_FRAME_PERIOD_S = 1.0 / 30.0
 
@@ -80,7 +85,9 @@ class VideoReconstruction:
         max_part_turn_deg: stop re-posing beyond this finger-part rotation since the shape.
         full_every: with ``background=False``, frames between full reconstructions.
         shortcuts: the full reconstructions skip R when the hands are apart
-            (``PipelineConfig.skip_r_gap_m`` = :data:`SKIP_R_GAP_M`, unless the model sets it).
+            (``PipelineConfig.skip_r_gap_m`` = :data:`SKIP_R_GAP_M`, unless the model sets it)
+            and start MISE from the previous shape carried to their keypoints
+            (:func:`carried_occupancy`).
     """
 
     def __init__(self, model: Any, background: bool = True,
@@ -97,6 +104,7 @@ class VideoReconstruction:
         self.full_model = model.configured(keypoint_source="given", refine_keypoints=False,
                                            keep_occupancy=True, skip_r_gap_m=gap)  # fmt: skip
         self.background = background
+        self.shortcuts = shortcuts
         self.max_part_turn_deg = float(max_part_turn_deg)
         self.full_every = int(full_every)
         self._pool = ThreadPoolExecutor(1, "im2hands-full") if background else None
@@ -123,7 +131,8 @@ class VideoReconstruction:
             return self._finish(self._keypoints_only(found, "no hand found"), t0, keypoint_ms)
         if self.background:
             if self._pending is None:  # the worker is idle: give it the newest frame
-                self._pending = self._pool.submit(self._full, image, K, found, stamp)
+                self._pending = self._pool.submit(self._full, image, K, found, stamp,
+                                                  self._shape)  # fmt: skip
         else:
             self._since_full += 1
             if self._shape is None or self._since_full >= self.full_every:
@@ -164,8 +173,10 @@ class VideoReconstruction:
         return self.model.keypoint_report
 
     # ------------------------------------------------------------------ full reconstructions
-    def _full(self, image: Any, K: Any, found: Keypoints, stamp: float) -> _Shape:
-        result = self.full_model(image, K, keypoints=found)
+    def _full(self, image: Any, K: Any, found: Keypoints, stamp: float,
+              previous: _Shape | None = None) -> _Shape:  # fmt: skip
+        prior = carried_occupancy(previous, found) if self.shortcuts else None
+        result = self.full_model(image, K, keypoints=found, prior=prior)
         bindings = [
             None if hand is None or hand.mesh is None
             else bind_mesh(hand.mesh.vertices, hand.mesh.faces, hand.keypoints, h == 0)
@@ -175,7 +186,7 @@ class VideoReconstruction:
 
     def _run_full_inline(self, image: Any, K: Any, found: Keypoints, stamp: float
                          ) -> Reconstruction:  # fmt: skip
-        self._shape = self._full(image, K, found, stamp)
+        self._shape = self._full(image, K, found, stamp, self._shape)
         self._since_full = 0
         return self._shape.result
 
@@ -244,3 +255,16 @@ class VideoReconstruction:
         self.counts[result.kind] += 1
         return result
 
+
+def carried_occupancy(shape: _Shape | None, found: Keypoints) -> ReposedOccupancy | None:
+    """``shape``'s occupancy carried to the keypoints ``found``, as a prior for the next full
+    reconstruction; ``None`` without a shape of both hands or when a finger part turned more
+    than :data:`PRIOR_MAX_TURN_DEG` since it."""
+    if shape is None or shape.result.occupancy is None or not found.present.all():
+        return None
+    if any(b is None for b in shape.bindings):
+        return None
+    moved = [repose_mesh(shape.bindings[h], found.joints[h]) for h in range(2)]
+    if max(m.part_turn_deg for m in moved) > PRIOR_MAX_TURN_DEG:
+        return None
+    return ReposedOccupancy(shape.result.occupancy, shape.bindings, moved)
