@@ -255,7 +255,8 @@ def cmd_bench_tracking(args: argparse.Namespace) -> int:
     frames = sequence_frames(args.seed, args.keys, seconds_per_key=args.seconds_per_key)
     report = run_tracking_bench(model, frames, camera_process=not args.no_camera_process,
                                 progress=not args.quiet,
-                                max_part_turn_deg=args.max_part_turn_deg)  # fmt: skip
+                                max_part_turn_deg=args.max_part_turn_deg,
+                                worker=args.worker)  # fmt: skip
     print(format_tracking_report(report))
     if args.json:
         print(f"wrote {write_json(report, args.json)}")
@@ -408,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds-per-key", type=float, default=2.0,
                    help="time from one key scene to the next (30 Hz frames)")
     p.add_argument("--seed", type=int, default=4343, help="seed of the key scenes")
+    p.add_argument("--worker", default="auto", choices=("auto", "thread", "process"),
+                   help="where the full reconstructions run (auto: thread)")
     p.add_argument("--max-part-turn-deg", type=float, default=None,
                    help="re-posing limit (default: the library's)")
     p.add_argument("--no-camera-process", action="store_true",

@@ -104,7 +104,8 @@ def test_video_reconstructs_then_reposes_in_between(model, sequence):
 
 
 def test_video_waits_when_the_pose_moved_too_far(model, sequence):
-    video = VideoReconstruction(model, background=True, max_part_turn_deg=0.5)
+    video = VideoReconstruction(model, background=True, max_part_turn_deg=0.5, worker="process")
+    assert video.worker == "process"
     try:
         stamp, frame = sequence[0]
         first = video(frame.image, frame.K, keypoints=frame.keypoints, stamp=stamp)
@@ -120,7 +121,7 @@ def test_video_waits_when_the_pose_moved_too_far(model, sequence):
 
 
 def test_a_failing_full_reconstruction_is_counted_and_the_video_goes_on(model, sequence):
-    video = VideoReconstruction(model, background=True)
+    video = VideoReconstruction(model, background=True, worker="thread")
     try:
         stamp, frame = sequence[0]
         video(frame.image, frame.K, keypoints=frame.keypoints, stamp=stamp)

@@ -227,6 +227,9 @@ class Im2Hands:
         self.config = config or PipelineConfig()
         self.config.check()
         self._mediapipe = None
+        #: how :meth:`from_pretrained` built the networks (``path``, ``device``, ``backend``),
+        #: so that another process can build the same (``None`` for networks given directly)
+        self.source: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -259,6 +262,8 @@ class Im2Hands:
         nets = {name: load_pretrained(name, dev, path) for name in ("kpts_pred", "kpts_ref",
                                                                   "halo", "ref_occ")}  # fmt: skip
         model = cls(nets, PipelineConfig(**config), dev, "torch")
+        model.source = {"path": None if path is None else str(path), "device": str(dev),
+                        "backend": backend}  # fmt: skip
         if backend == "onnxruntime":
             from im2hands_model.pipeline.onnx_backend import onnx_networks
 
@@ -269,6 +274,7 @@ class Im2Hands:
     def configured(self, **changes: Any) -> Im2Hands:
         """The same networks with some :class:`PipelineConfig` fields changed."""
         model = Im2Hands(self.nets, replace(self.config, **changes), self.device, self.backend)
+        model.source = self.source
         detector_keys = {"keypoint_source", "track_hands", "smooth_keypoints", "detector_variant",
                          "presence_threshold"}  # fmt: skip
         if not detector_keys & set(changes):

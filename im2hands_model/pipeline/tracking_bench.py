@@ -76,7 +76,8 @@ def _cpu_seconds(pid: int | None = None) -> float:
 def run_tracking_bench(model: Any, frames: list[tuple[float, BenchFrame]], fps: float = 30.0,
                        camera_process: bool = True, iou_points: int = 20_000,
                        progress: bool = True, max_part_turn_deg: float | None = None,
-                       shortcut_every: int = 3) -> dict[str, Any]:  # fmt: skip
+                       shortcut_every: int = 3, worker: str = "auto",
+                       ) -> dict[str, Any]:  # fmt: skip
     """Play ``frames`` in real time through the three variants (module docstring)."""
     from tqdm import tqdm
 
@@ -89,7 +90,7 @@ def run_tracking_bench(model: Any, frames: list[tuple[float, BenchFrame]], fps: 
     for _, frame in frames[:2]:
         model(frame.image, frame.K, keypoints=frame.keypoints if given else None)
     model.reset_tracking()
-    video = VideoReconstruction(model, **({} if max_part_turn_deg is None else
+    video = VideoReconstruction(model, worker=worker, **({} if max_part_turn_deg is None else
                                            {"max_part_turn_deg": max_part_turn_deg}))
     played: list[dict[str, Any]] = []
     proc, queue = None, None
@@ -188,6 +189,7 @@ def run_tracking_bench(model: Any, frames: list[tuple[float, BenchFrame]], fps: 
         "seconds": duration,
         "camera_process": camera_process,
         "keypoint_source": model.config.keypoint_source,
+        "worker": video.worker,
         "frames_processed": len(played),
         "frames_with_meshes": len(with_meshes),
         "mesh_rate_hz": len(with_meshes) / duration,
@@ -235,7 +237,8 @@ def format_tracking_report(report: dict[str, Any]) -> str:
     """The headline figures as a few readable lines."""
     return "\n".join([
         f"{report['frames_processed']} of {report['frames']} frames processed in "
-        f"{report['seconds']:.1f} s ({report['keypoint_source']} keypoints, camera process "
+        f"{report['seconds']:.1f} s ({report['keypoint_source']} keypoints, {report['worker']} "
+        f"worker, camera process "
         f"{'on' if report['camera_process'] else 'off'}); kinds {report['kinds']}",
         f"meshes {report['mesh_rate_hz']:.1f} Hz (full reconstructions "
         f"{report['full_rate_hz']:.2f} Hz); re-posed latency median "

@@ -1,11 +1,11 @@
 """Meshes at camera rate: full reconstructions in the background, re-posed meshes in between.
 
 :class:`VideoReconstruction` takes the frames of one video in order. On every frame it runs the
-keypoint stages only (tracked MediaPipe: a few ms). A full K -> I -> R reconstruction runs
-on its own worker thread whenever the previous one is done, always on the newest frame. Every
-frame's meshes are the latest full reconstruction carried to that frame's keypoints by its
-parts' rigid transforms (:mod:`~im2hands_model.pipeline.reposing`), and its contacts and
-penetration are computed on those meshes. Each result says what it is
+keypoint stages only (tracked MediaPipe: a few ms). A full K -> I -> R reconstruction runs on
+its own worker (a thread, or a second process) whenever the previous one is done, always on
+the newest frame. Every frame's meshes are the latest full reconstruction carried to that frame's
+keypoints by its parts' rigid transforms (:mod:`~im2hands_model.pipeline.reposing`), and its
+contacts and penetration are computed on those meshes. Each result says what it is
 (:attr:`~im2hands_model.pipeline.result.Reconstruction.kind`) and how old its shape is.
 
 The full reconstructions use the video's coherence: MISE starts from the previous shape carried
@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+import torch
 import trimesh
 
 from im2hands_model.meshing import Mesh
@@ -62,6 +65,8 @@ SKIP_R_GAP_M = 0.06
 #: A full reconstruction starts MISE from the previous shape carried to its keypoints when no
 #: finger part turned more than this (degrees) since that shape.
 PRIOR_MAX_TURN_DEG = 30.0
+#: Longest wait for the reconstruction process to build and warm up its networks (seconds).
+WORKER_START_TIMEOUT_S = 300.0
 #: Stamp step assumed when frames come without stamps (a 30 Hz camera).
 DEFAULT_FRAME_PERIOD_S = 1.0 / 30.0
 
@@ -84,6 +89,12 @@ class VideoReconstruction:
         background: run the full reconstructions on a worker thread (default) or inline.
         max_part_turn_deg: stop re-posing beyond this finger-part rotation since the shape.
         full_every: with ``background=False``, frames between full reconstructions.
+        worker: where the full reconstructions run: ``thread`` (``auto``, the default), or
+            ``process`` (a pipeline from ``Im2Hands.from_pretrained`` only): a second process
+            with its own copy of the networks and one torch thread fewer, where torch runs as
+            on a main thread and shares no interpreter lock with the frames. On a 2-core CPU the
+            process makes full reconstructions 1.5x as frequent but the frames in between
+            slower (docs/tracking.md).
         shortcuts: the full reconstructions skip R when the hands are apart
             (``PipelineConfig.skip_r_gap_m`` = :data:`SKIP_R_GAP_M`, unless the model sets it)
             and start MISE from the previous shape carried to their keypoints
@@ -92,9 +103,11 @@ class VideoReconstruction:
 
     def __init__(self, model: Any, background: bool = True,
                  max_part_turn_deg: float = MAX_PART_TURN_DEG, full_every: int = 10,
-                 shortcuts: bool = True) -> None:  # fmt: skip
+                 shortcuts: bool = True, worker: str = "auto") -> None:  # fmt: skip
         if max_part_turn_deg <= 0 or full_every < 1:
             raise ValueError("max_part_turn_deg must be positive and full_every at least 1")
+        if worker not in ("auto", "thread", "process"):
+            raise ValueError(f"worker must be auto, thread or process, got {worker!r}")
         cfg = model.config
         if cfg.keypoint_source == "mediapipe" and not cfg.track_hands:
             model = model.configured(track_hands=True)
@@ -107,7 +120,23 @@ class VideoReconstruction:
         self.shortcuts = shortcuts
         self.max_part_turn_deg = float(max_part_turn_deg)
         self.full_every = int(full_every)
-        self._pool = ThreadPoolExecutor(1, "im2hands-full") if background else None
+        if worker == "auto":  # the faster on a 2-core CPU (docs/tracking.md)
+            worker = "thread"
+        if worker == "process" and model.source is None:
+            raise ValueError("worker='process' needs a model made by Im2Hands.from_pretrained")
+        self.worker = worker if background else "inline"
+        self._pool: Any = None
+        if self.worker == "thread":
+            self._pool = ThreadPoolExecutor(1, "im2hands-full")
+        elif self.worker == "process":
+            self._pool = _process_pool(self.full_model)
+            try:  # the worker's networks built and warmed up before the first frame
+                self._pool.submit(_child_warmup).result(timeout=WORKER_START_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - no process worker here: use a thread
+                log.warning("no reconstruction process (%s: %s); using a thread",
+                            type(exc).__name__, exc)  # fmt: skip
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool, self.worker = ThreadPoolExecutor(1, "im2hands-full"), "thread"
         self._pending: Future | None = None
         self._shape: _Shape | None = None
         self._since_full = 0
@@ -131,8 +160,7 @@ class VideoReconstruction:
             return self._finish(self._keypoints_only(found, "no hand found"), t0, keypoint_ms)
         if self.background:
             if self._pending is None:  # the worker is idle: give it the newest frame
-                self._pending = self._pool.submit(self._full, image, K, found, stamp,
-                                                  self._shape)  # fmt: skip
+                self._submit(image, K, found, stamp)
         else:
             self._since_full += 1
             if self._shape is None or self._since_full >= self.full_every:
@@ -175,14 +203,24 @@ class VideoReconstruction:
     # ------------------------------------------------------------------ full reconstructions
     def _full(self, image: Any, K: Any, found: Keypoints, stamp: float,
               previous: _Shape | None = None) -> _Shape:  # fmt: skip
-        prior = carried_occupancy(previous, found) if self.shortcuts else None
-        result = self.full_model(image, K, keypoints=found, prior=prior)
-        bindings = [
-            None if hand is None or hand.mesh is None
-            else bind_mesh(hand.mesh.vertices, hand.mesh.faces, hand.keypoints, h == 0)
-            for h, hand in enumerate(result.hands)
-        ]  # fmt: skip
-        return _Shape(result, bindings, stamp)
+        return _full_reconstruction(self.full_model, image, K, found, stamp,
+                                    previous if self.shortcuts else None)  # fmt: skip
+
+    def _submit(self, image: Any, K: Any, found: Keypoints, stamp: float) -> None:
+        if self.worker == "process":
+            # the worker keeps its own last shape: it is the one this side holds
+            job = (_child_full, np.asarray(image), np.asarray(K), found, stamp,
+                   self.shortcuts and self._shape is not None)  # fmt: skip
+        else:
+            job = (self._full, image, K, found, stamp, self._shape)
+        try:
+            self._pending = self._pool.submit(*job)
+        except BrokenProcessPool as exc:  # the worker process died: go on with a thread
+            self.counts["failed"] += 1
+            log.warning("the reconstruction process stopped (%s); continuing on a thread", exc)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool, self.worker = ThreadPoolExecutor(1, "im2hands-full"), "thread"
+            self._pending = self._pool.submit(self._full, image, K, found, stamp, self._shape)
 
     def _run_full_inline(self, image: Any, K: Any, found: Keypoints, stamp: float
                          ) -> Reconstruction:  # fmt: skip
@@ -268,3 +306,49 @@ def carried_occupancy(shape: _Shape | None, found: Keypoints) -> ReposedOccupanc
     if max(m.part_turn_deg for m in moved) > PRIOR_MAX_TURN_DEG:
         return None
     return ReposedOccupancy(shape.result.occupancy, shape.bindings, moved)
+
+
+def _full_reconstruction(model: Any, image: Any, K: Any, found: Keypoints, stamp: float,
+                         previous: _Shape | None) -> _Shape:  # fmt: skip
+    """One full reconstruction from the frame's keypoints, bound for re-posing (``previous``:
+    the shape whose carried occupancy may start MISE)."""
+    result = model(image, K, keypoints=found, prior=carried_occupancy(previous, found))
+    bindings = [
+        None if hand is None or hand.mesh is None
+        else bind_mesh(hand.mesh.vertices, hand.mesh.faces, hand.keypoints, h == 0)
+        for h, hand in enumerate(result.hands)
+    ]  # fmt: skip
+    return _Shape(result, bindings, stamp)
+
+
+# The worker process: its own pipeline (built like the caller's) and its last shape.
+_CHILD: dict[str, Any] = {}
+
+
+def _process_pool(full_model: Any) -> ProcessPoolExecutor:
+    """A one-process pool whose worker builds ``full_model``'s pipeline at start-up."""
+    import multiprocessing as mp
+
+    pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_child_start,
+                               initargs=(full_model.source, asdict(full_model.config),
+                                         max(1, torch.get_num_threads() - 1)))  # fmt: skip
+    return pool
+
+
+def _child_start(source: dict[str, Any], config: dict[str, Any], threads: int) -> None:
+    from im2hands_model.pipeline.model import Im2Hands
+
+    torch.set_num_threads(threads)
+    _CHILD.update(model=Im2Hands.from_pretrained(**source, **config), shape=None)
+
+
+def _child_warmup() -> float:
+    from im2hands_model.pipeline.warmup import warmup
+
+    return warmup(_CHILD["model"], 1)
+
+
+def _child_full(image: Any, K: Any, found: Keypoints, stamp: float, use_prior: bool) -> _Shape:
+    previous = _CHILD["shape"] if use_prior else None
+    _CHILD["shape"] = _full_reconstruction(_CHILD["model"], image, K, found, stamp, previous)
+    return _CHILD["shape"]
