@@ -198,13 +198,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     node_params = [f"device:={args.device}", f"resolution:={args.resolution}",
                    f"keypoint_source:={args.keypoints}", "debug_image_rate:=1.0",
                    f"threads:={args.threads}",
-                   f"use_depth:={str(args.keypoints == 'mediapipe').lower()}"]  # fmt: skip
+                   f"use_depth:={str(args.keypoints == 'mediapipe').lower()}",
+                   f"tracked_meshes:={str(args.tracked).lower()}"]  # fmt: skip
     node_cmd = [console_script("im2hands-node"), "--ros-args",
                 *[a for p in node_params for a in ("-p", p)],
                 "-r", "keypoints:=ground_truth/keypoints"]  # fmt: skip
     cam_cmd = [console_script("im2hands-synthetic-camera"), "--ros-args",
                "-p", f"rate:={args.rate}", "-p", f"frames:={args.frames}",
-               "-p", f"realism:={str(args.realism).lower()}"]  # fmt: skip
+               "-p", f"realism:={str(args.realism).lower()}",
+               "-p", f"sequence:={args.sequence}"]  # fmt: skip
     procs: list[subprocess.Popen] = []
     rclpy.init()
     ros_node = rclpy.create_node("im2hands_demo_recorder")
@@ -281,6 +283,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       "mediapipe": "MediaPipe (tracked, placed with the depth image)"
                       }[args.keypoints],  # fmt: skip
         "node": {k: diag.get(k) for k in ("backend", "device", "resolution")},
+        "tracked_meshes": args.tracked,
+        "camera_sequence_keys": args.sequence,
+        "tracked": {k: diag.get(k) for k in ("meshes_full", "meshes_reposed", "keypoints_only",
+                                              "full_failed", "shape_age_s_median")
+                    if k in diag},  # fmt: skip
         "iou_frames": scored,
         "files": written,
         "exit_codes": {"node": codes[0], "camera": codes[1]},
@@ -311,6 +318,8 @@ def _print(report: dict[str, Any], out: Path) -> None:
           f"recorder {f(cpu['recorder'])} % of {report['cpu_count']} cores")  # fmt: skip
     print(f"  IoU vs ground truth  {f(report['iou'], '{:.1f}')} % "
           f"({len(report['iou_frames'])} frames)")  # fmt: skip
+    if report.get("tracked"):
+        print(f"  tracked meshes       {report['tracked']}")
     kp = report["keypoint_error"]
     print(f"  keypoints vs GT      {f(kp['hands_found_pct'])} % of {kp['hands']} hands found, "
           f"{f(kp['mpjpe_aligned_mm'])} mm aligned, {f(kp['root_error_mm'])} mm root (joint 9)")
@@ -329,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
                    "GT keypoints; learned: the predictor")  # fmt: skip
     p.add_argument("--realism", action="store_true",
                    help="the camera renders forearms, photo backgrounds and camera effects")
+    p.add_argument("--tracked", action="store_true",
+                   help="the node re-poses meshes between full reconstructions (tracked_meshes)")
+    p.add_argument("--sequence", type=int, default=0,
+                   help="the camera plays moving hands through this many key scenes (0: stills)")
     p.add_argument("--device", default="cpu", help="node device (auto, cpu, cuda)")
     p.add_argument("--resolution", type=int, default=0, help="node mesh resolution (0: auto)")
     p.add_argument("--threads", type=int, default=0, help="node torch threads (0: default)")

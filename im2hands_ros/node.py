@@ -187,7 +187,13 @@ class Im2HandsNode(LifecycleNode):
         if s.tracked_meshes:
             from im2hands_model.pipeline.video import VideoReconstruction
 
-            self.video = VideoReconstruction(self.model, max_part_turn_deg=s.max_part_turn_deg)
+            try:
+                self.video = VideoReconstruction(self.model, worker=s.full_worker,
+                                                 max_part_turn_deg=s.max_part_turn_deg)
+            except Exception as exc:  # e.g. a model the worker process cannot rebuild
+                log.error(f"cannot start the tracked meshes: {type(exc).__name__}: {exc}")
+                self.model = None
+                return Failed
         cfg = self.model.describe()
         self._info = {"backend": cfg["backend"], "device": cfg["device"],
                       "resolution": self.model.resolution, "keypoint_source": s.keypoint_source,

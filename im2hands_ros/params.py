@@ -68,6 +68,9 @@ PARAMETERS: tuple[Param, ...] = (
     Param("max_part_turn_deg", 90.0, "tracked_meshes: a frame whose finger parts turned more than "
           "this since the latest full reconstruction gets keypoints only until the next one.",
           minimum=1.0),
+    Param("full_worker", "process", "tracked_meshes: where the full reconstructions run: process "
+          "(a second process with its own networks, sharing no interpreter lock with the node's "
+          "ROS work) or thread.", ("process", "thread")),
     Param("refine_keypoints", "auto", "Stage K (keypoint refinement): auto (on for the learned "
           "predictor's keypoints, which K was trained on; off for mediapipe's and the topic's), "
           "on, off.", ("auto", "on", "off")),
@@ -117,6 +120,7 @@ class NodeSettings:
     use_depth: bool
     tracked_meshes: bool
     max_part_turn_deg: float
+    full_worker: str
     refine_keypoints: str
     use_image: bool
     refine_occupancy: bool
