@@ -218,19 +218,19 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    import torch
-
-    from im2hands_model.pipeline.bench import (
-        format_report,
-        run_bench,
-        synthetic_frames,
-        write_json,
-    )
-
+def _bench_model(args: argparse.Namespace) -> Any:
+    """The pipeline a benchmark command asked for, with its torch thread count."""
     if args.threads:
+        import torch
+
         torch.set_num_threads(args.threads)
-    model = _model(args, **_config(args))
+    return _model(args, **_config(args))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from im2hands_model.pipeline.bench import format_report, run_bench, synthetic_frames, write_json
+
+    model = _bench_model(args)
     frames = synthetic_frames(args.frames, progress=not args.quiet)
     report = run_bench(model, frames, args.reference_frames, progress=not args.quiet)
     print(format_report(report))
@@ -240,8 +240,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_tracking(args: argparse.Namespace) -> int:
-    import torch
-
     from im2hands_model.pipeline.bench import write_json
     from im2hands_model.pipeline.tracking_bench import (
         format_tracking_report,
@@ -249,9 +247,7 @@ def cmd_bench_tracking(args: argparse.Namespace) -> int:
         sequence_frames,
     )
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = _model(args, **_config(args))
+    model = _bench_model(args)
     frames = sequence_frames(args.seed, args.keys, seconds_per_key=args.seconds_per_key)
     report = run_tracking_bench(model, frames, camera_process=not args.no_camera_process,
                                 progress=not args.quiet,

@@ -16,8 +16,8 @@ from im2hands_model.networks.backbone import (
     pixel_aligned,
     project_points,
 )
-from im2hands_model.networks.keypoint_pred import KeypointPredictor, keypoint_loss
-from im2hands_model.networks.keypoint_ref import (
+from im2hands_model.networks.kpts_pred import KeypointPredictor, keypoint_loss
+from im2hands_model.networks.kpts_ref import (
     KeypointRefiner,
     add_keypoint_noise,
     normalized_adjacency,

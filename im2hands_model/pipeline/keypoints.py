@@ -37,7 +37,7 @@ class LearnedKeypoints:
     """The learned two-hand keypoint predictor over a whole frame.
 
     Args:
-        predictor: a :class:`~im2hands_model.networks.keypoint_pred.KeypointPredictor`.
+        predictor: a :class:`~im2hands_model.networks.kpts_pred.KeypointPredictor`.
         passes: 1 = only the letterboxed whole frame; 2 (default) = then a crop around it.
         presence_threshold: presence probability above which a hand counts as found.
     """

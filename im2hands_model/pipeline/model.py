@@ -209,7 +209,7 @@ def _prior_fn(prior: Any, crop: _Crop) -> Any:
 class Im2Hands:
     """The two-hand reconstruction pipeline (module docstring).
 
-    Build it with :meth:`from_pretrained`; call it as ``model(image_rgb, K)``.
+    Build it with :meth:`from_pretrained`; call it as ``model(image_rgb, intrinsics)``.
 
     Args:
         networks: dict with ``kpts_pred``, ``kpts_ref``, ``halo``, ``ref_occ`` (I+R; its ``init``
@@ -289,13 +289,13 @@ class Im2Hands:
         return 256 if self.device.type == "cuda" else 128
 
     @torch.inference_mode()
-    def __call__(self, image: Any, K: Any, keypoints: Any = None, depth: Any = None,
+    def __call__(self, image: Any, intrinsics: Any, keypoints: Any = None, depth: Any = None,
                  stamp: float | None = None, prior: Any = None) -> Reconstruction:  # fmt: skip
         """Reconstruct both hands of one frame.
 
         Args:
             image: RGB ``uint8 [H, W, 3]`` (also grey, RGBA, uint16, float in [0, 1], PIL).
-            K: ``[3, 3]`` intrinsics of the full image.
+            intrinsics: ``[3, 3]`` camera matrix of the full image (pixels).
             keypoints: the caller's keypoints (``[2, 21, 3]`` camera frame, metres, NaN rows for
                 an absent hand; or ``{"left": ..., "right": ...}``); required for the ``given``
                 source and used instead of any other source when passed.
@@ -319,7 +319,7 @@ class Im2Hands:
         cfg = self.config
         timer = _Timer(self.device)
         t_start = timer.now()
-        frame = Frame.from_input(image, K, cfg.max_pixels)
+        frame = Frame.from_input(image, intrinsics, cfg.max_pixels)
         with timer.stage("keypoints"):
             found = self._keypoints(frame, keypoints, depth, stamp)  # source (MediaPipe...)
         if not found.any:
@@ -338,12 +338,12 @@ class Im2Hands:
         return result
 
     @torch.inference_mode()
-    def find_keypoints(self, image: Any, K: Any, keypoints: Any = None, depth: Any = None,
-                       stamp: float | None = None) -> Keypoints:  # fmt: skip
+    def find_keypoints(self, image: Any, intrinsics: Any, keypoints: Any = None,
+                       depth: Any = None, stamp: float | None = None) -> Keypoints:  # fmt: skip
         """The keypoint stages alone (the source, then K where it runs), as ``__call__`` runs
         them: what a video runs on every frame
         (:class:`~im2hands_model.pipeline.video.VideoReconstruction`). Arguments as there."""
-        frame = Frame.from_input(image, K, self.config.max_pixels)
+        frame = Frame.from_input(image, intrinsics, self.config.max_pixels)
         found = self._keypoints(frame, keypoints, depth, stamp)
         if found.any and self._uses_k(keypoints):
             found = self._refine_keypoints(frame, found)

@@ -92,9 +92,8 @@ class VideoReconstruction:
         worker: where the full reconstructions run: ``thread`` (``auto``, the default), or
             ``process`` (a pipeline from ``Im2Hands.from_pretrained`` only): a second process
             with its own copy of the networks and one torch thread fewer, where torch runs as
-            on a main thread and shares no interpreter lock with the frames. On a 2-core CPU the
-            process makes full reconstructions 1.5x as frequent but the frames in between
-            slower (docs/tracking.md).
+            on a main thread and shares no interpreter lock with the frames, but takes its share
+            of the cores from them (which is better depends on the machine: docs/tracking.md).
         shortcuts: the full reconstructions skip R when the hands are apart
             (``PipelineConfig.skip_r_gap_m`` = :data:`SKIP_R_GAP_M`, unless the model sets it)
             and start MISE from the previous shape carried to their keypoints
@@ -145,7 +144,7 @@ class VideoReconstruction:
         self.counts = {"full": 0, "reposed": 0, "keypoints": 0, "failed": 0}
 
     # ------------------------------------------------------------------ the frame
-    def __call__(self, image: Any, K: Any, keypoints: Any = None, depth: Any = None,
+    def __call__(self, image: Any, intrinsics: Any, keypoints: Any = None, depth: Any = None,
                  stamp: float | None = None) -> Reconstruction:  # fmt: skip
         """The frame's meshes (full or re-posed) or keypoints; arguments as
         :meth:`Im2Hands.__call__ <im2hands_model.pipeline.model.Im2Hands.__call__>`."""
@@ -153,21 +152,23 @@ class VideoReconstruction:
         if stamp is None:
             stamp = 0.0 if self._last_stamp is None else self._last_stamp + DEFAULT_FRAME_PERIOD_S
         self._last_stamp = stamp
-        found = self.model.find_keypoints(image, K, keypoints, depth, stamp)
+        found = self.model.find_keypoints(image, intrinsics, keypoints, depth, stamp)
         keypoint_ms = (time.perf_counter() - t0) * 1e3
         self._collect()
         if not found.any:
             return self._finish(self._keypoints_only(found, "no hand found"), t0, keypoint_ms)
         if self.background:
             if self._pending is None:  # the worker is idle: give it the newest frame
-                self._submit(image, K, found, stamp)
+                self._submit(image, intrinsics, found, stamp)
         else:
             self._since_full += 1
             if self._shape is None or self._since_full >= self.full_every:
-                return self._finish(self._run_full_inline(image, K, found, stamp), t0, keypoint_ms)
+                full = self._run_full_inline(image, intrinsics, found, stamp)
+                return self._finish(full, t0, keypoint_ms)
         result, reason = self._reposed(found, stamp)
         if result is None and not self.background:  # moved too far or a new hand: reconstruct
-            return self._finish(self._run_full_inline(image, K, found, stamp), t0, keypoint_ms)
+            full = self._run_full_inline(image, intrinsics, found, stamp)
+            return self._finish(full, t0, keypoint_ms)
         if result is None:
             result = self._keypoints_only(found, reason)
         return self._finish(result, t0, keypoint_ms)
@@ -201,18 +202,18 @@ class VideoReconstruction:
         return self.model.keypoint_report
 
     # ------------------------------------------------------------------ full reconstructions
-    def _full(self, image: Any, K: Any, found: Keypoints, stamp: float,
+    def _full(self, image: Any, intrinsics: Any, found: Keypoints, stamp: float,
               previous: _Shape | None = None) -> _Shape:  # fmt: skip
-        return _full_reconstruction(self.full_model, image, K, found, stamp,
+        return _full_reconstruction(self.full_model, image, intrinsics, found, stamp,
                                     previous if self.shortcuts else None)  # fmt: skip
 
-    def _submit(self, image: Any, K: Any, found: Keypoints, stamp: float) -> None:
+    def _submit(self, image: Any, intrinsics: Any, found: Keypoints, stamp: float) -> None:
         if self.worker == "process":
             # the worker keeps its own last shape: it is the one this side holds
-            job = (_child_full, np.asarray(image), np.asarray(K), found, stamp,
+            job = (_child_full, np.asarray(image), np.asarray(intrinsics), found, stamp,
                    self.shortcuts and self._shape is not None)  # fmt: skip
         else:
-            job = (self._full, image, K, found, stamp, self._shape)
+            job = (self._full, image, intrinsics, found, stamp, self._shape)
         try:
             self._pending = self._pool.submit(*job)
         except BrokenProcessPool as exc:  # the worker process died: go on with a thread
@@ -220,11 +221,12 @@ class VideoReconstruction:
             log.warning("the reconstruction process stopped (%s); continuing on a thread", exc)
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool, self.worker = ThreadPoolExecutor(1, "im2hands-full"), "thread"
-            self._pending = self._pool.submit(self._full, image, K, found, stamp, self._shape)
+            self._pending = self._pool.submit(self._full, image, intrinsics, found, stamp,
+                                              self._shape)  # fmt: skip
 
-    def _run_full_inline(self, image: Any, K: Any, found: Keypoints, stamp: float
+    def _run_full_inline(self, image: Any, intrinsics: Any, found: Keypoints, stamp: float
                          ) -> Reconstruction:  # fmt: skip
-        self._shape = self._full(image, K, found, stamp, self._shape)
+        self._shape = self._full(image, intrinsics, found, stamp, self._shape)
         self._since_full = 0
         return self._shape.result
 
@@ -308,11 +310,11 @@ def carried_occupancy(shape: _Shape | None, found: Keypoints) -> ReposedOccupanc
     return ReposedOccupancy(shape.result.occupancy, shape.bindings, moved)
 
 
-def _full_reconstruction(model: Any, image: Any, K: Any, found: Keypoints, stamp: float,
+def _full_reconstruction(model: Any, image: Any, intrinsics: Any, found: Keypoints, stamp: float,
                          previous: _Shape | None) -> _Shape:  # fmt: skip
     """One full reconstruction from the frame's keypoints, bound for re-posing (``previous``:
     the shape whose carried occupancy may start MISE)."""
-    result = model(image, K, keypoints=found, prior=carried_occupancy(previous, found))
+    result = model(image, intrinsics, keypoints=found, prior=carried_occupancy(previous, found))
     bindings = [
         None if hand is None or hand.mesh is None
         else bind_mesh(hand.mesh.vertices, hand.mesh.faces, hand.keypoints, h == 0)
@@ -348,7 +350,9 @@ def _child_warmup() -> float:
     return warmup(_CHILD["model"], 1)
 
 
-def _child_full(image: Any, K: Any, found: Keypoints, stamp: float, use_prior: bool) -> _Shape:
+def _child_full(image: Any, intrinsics: Any, found: Keypoints, stamp: float,
+                use_prior: bool) -> _Shape:  # fmt: skip
     previous = _CHILD["shape"] if use_prior else None
-    _CHILD["shape"] = _full_reconstruction(_CHILD["model"], image, K, found, stamp, previous)
+    _CHILD["shape"] = _full_reconstruction(_CHILD["model"], image, intrinsics, found, stamp,
+                                           previous)  # fmt: skip
     return _CHILD["shape"]

@@ -91,7 +91,7 @@ def _check_image(image: Tensor) -> None:
 @dataclass
 class KeypointOutputs:
     """What the ONNX keypoint predictor returns (the fields of
-    :class:`~im2hands_model.networks.keypoint_pred.KeypointPrediction` the pipeline reads)."""
+    :class:`~im2hands_model.networks.kpts_pred.KeypointPrediction` the pipeline reads)."""
 
     joints: Tensor
     joints_2d: Tensor
@@ -105,7 +105,7 @@ class KeypointOutputs:
 
 
 class OrtKeypointPredictor:
-    """ONNX Runtime :class:`~im2hands_model.networks.keypoint_pred.KeypointPredictor`."""
+    """ONNX Runtime :class:`~im2hands_model.networks.kpts_pred.KeypointPredictor`."""
 
     def __init__(self, session: _Session, device: torch.device) -> None:
         self.session, self.device = session, device
@@ -116,7 +116,7 @@ class OrtKeypointPredictor:
 
 
 class OrtKeypointRefiner:
-    """ONNX Runtime :class:`~im2hands_model.networks.keypoint_ref.KeypointRefiner` (image and
+    """ONNX Runtime :class:`~im2hands_model.networks.kpts_ref.KeypointRefiner` (image and
     ``K`` required: the graph is the image-conditioned refiner)."""
 
     def __init__(self, session: _Session, device: torch.device) -> None:

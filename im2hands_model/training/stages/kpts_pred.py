@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from im2hands_model.hands import NUM_JOINTS, SKELETON_EDGES
 from im2hands_model.metrics import mpjpe_mm
-from im2hands_model.networks.keypoint_pred import (
+from im2hands_model.networks.kpts_pred import (
     DEFAULT_LOSS_WEIGHTS,
     KeypointPredictor,
     joint_error_mm,
@@ -154,7 +154,7 @@ def _px_either_order(uv: Tensor, gt: Tensor, present: Tensor) -> float:
 
 
 class KptsPredStage:
-    """Trains :class:`~im2hands_model.networks.keypoint_pred.KeypointPredictor`."""
+    """Trains :class:`~im2hands_model.networks.kpts_pred.KeypointPredictor`."""
 
     name = "kpts_pred"
     best_metric = "mpjpe_mm"

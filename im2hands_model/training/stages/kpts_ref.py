@@ -41,8 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from im2hands_model.networks.backbone import project_points
-from im2hands_model.networks.keypoint_pred import joint_error_mm
-from im2hands_model.networks.keypoint_ref import KeypointRefiner, add_keypoint_noise, refine_loss
+from im2hands_model.networks.kpts_pred import joint_error_mm
+from im2hands_model.networks.kpts_ref import KeypointRefiner, add_keypoint_noise, refine_loss
 from im2hands_model.training.augment import augment_options, photometric
 from im2hands_model.training.checkpoint import unwrap
 from im2hands_model.training.stages.kpts_pred import (
@@ -72,7 +72,7 @@ def _project(joints: Tensor, K: Tensor) -> Tensor:
 
 
 class KptsRefStage:
-    """Trains :class:`~im2hands_model.networks.keypoint_ref.KeypointRefiner`."""
+    """Trains :class:`~im2hands_model.networks.kpts_ref.KeypointRefiner`."""
 
     name = "kpts_ref"
     best_metric = "mpjpe_mm"
