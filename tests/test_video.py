@@ -4,6 +4,8 @@ real rendered sequences, the shipped networks)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -105,7 +107,7 @@ def test_video_reconstructs_then_reposes_in_between(model, sequence):
 
 def test_video_waits_when_the_pose_moved_too_far(model, sequence):
     video = VideoReconstruction(model, background=True, max_part_turn_deg=0.5, worker="process")
-    assert video.worker == "process"
+    assert video.worker == "process" and video.worker_pid not in (None, os.getpid())
     try:
         stamp, frame = sequence[0]
         first = video(frame.image, frame.K, keypoints=frame.keypoints, stamp=stamp)

@@ -104,6 +104,7 @@ def run_tracking_bench(model: Any, frames: list[tuple[float, BenchFrame]], fps: 
         proc.start()
     cpu0 = _cpu_seconds()
     cam0 = _cpu_seconds(proc.pid) if proc else 0.0
+    worker0 = _cpu_seconds(video.worker_pid) if video.worker_pid else 0.0
     last = -1
     bar = tqdm(total=len(frames), desc="real time", unit="frame", disable=not progress)
     try:
@@ -138,6 +139,7 @@ def run_tracking_bench(model: Any, frames: list[tuple[float, BenchFrame]], fps: 
         duration = max(time.monotonic() - start, 1e-6)
         cpu = _cpu_seconds() - cpu0
         cam_cpu = (_cpu_seconds(proc.pid) - cam0) if proc is not None and proc.is_alive() else 0.0
+        worker_cpu = (_cpu_seconds(video.worker_pid) - worker0) if video.worker_pid else None
         video.close()
         if proc is not None:
             proc.join(10)
@@ -201,7 +203,8 @@ def run_tracking_bench(model: Any, frames: list[tuple[float, BenchFrame]], fps: 
         "iou_full": _mean([r["iou_full"] for r in scored]),
         "iou_held": _mean([r["iou_held"] for r in scored if "iou_held" in r]),
         "frames_scored": len(scored),
-        "cpu_cores_used": {"pipeline": cpu / duration, "camera": cam_cpu / duration},
+        "cpu_cores_used": {"pipeline": cpu / duration, "camera": cam_cpu / duration,
+                           "worker_process": None if worker_cpu is None else worker_cpu / duration},
         "full_speedup": sum(speed["off"]) / sum(speed["on"]) if speed["on"] else float("nan"),
         "full_ms_median": {"shortcuts": _median(speed["on"]),
                            "no_shortcuts": _median(speed["off"])},  # fmt: skip
@@ -246,7 +249,9 @@ def format_tracking_report(report: dict[str, Any]) -> str:
         f"IoU: re-posed {report['iou_reposed']:.1f}, full per frame {report['iou_full']:.1f}, "
         f"held (no re-posing) {report['iou_held']:.1f}",
         f"CPU cores used: pipeline {report['cpu_cores_used']['pipeline']:.2f}, camera "
-        f"{report['cpu_cores_used']['camera']:.2f}",
+        f"{report['cpu_cores_used']['camera']:.2f}"
+        + (f", worker process {report['cpu_cores_used']['worker_process']:.2f}"
+           if report["cpu_cores_used"]["worker_process"] is not None else ""),
         f"full reconstruction with its shortcuts {report['full_speedup']:.2f}x as fast "
         f"(median {report['full_ms_median']['shortcuts']:.0f} vs "
         f"{report['full_ms_median']['no_shortcuts']:.0f} ms; IoU "

@@ -125,17 +125,22 @@ class VideoReconstruction:
             raise ValueError("worker='process' needs a model made by Im2Hands.from_pretrained")
         self.worker = worker if background else "inline"
         self._pool: Any = None
+        #: the process id of the reconstruction process (``worker="process"``), else ``None``
+        self.worker_pid: int | None = None
         if self.worker == "thread":
             self._pool = ThreadPoolExecutor(1, "im2hands-full")
         elif self.worker == "process":
             self._pool = _process_pool(self.full_model)
             try:  # the worker's networks built and warmed up before the first frame
-                self._pool.submit(_child_warmup).result(timeout=WORKER_START_TIMEOUT_S)
+                self.worker_pid = self._pool.submit(_child_warmup).result(
+                    timeout=WORKER_START_TIMEOUT_S
+                )
             except Exception as exc:  # noqa: BLE001 - no process worker here: use a thread
                 log.warning("no reconstruction process (%s: %s); using a thread",
                             type(exc).__name__, exc)  # fmt: skip
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool, self.worker = ThreadPoolExecutor(1, "im2hands-full"), "thread"
+                self.worker_pid = None
         self._pending: Future | None = None
         self._shape: _Shape | None = None
         self._since_full = 0
@@ -344,10 +349,14 @@ def _child_start(source: dict[str, Any], config: dict[str, Any], threads: int) -
     _CHILD.update(model=Im2Hands.from_pretrained(**source, **config), shape=None)
 
 
-def _child_warmup() -> float:
+def _child_warmup() -> int:
+    """Warm the worker's pipeline up; its process id."""
+    import os
+
     from im2hands_model.pipeline.warmup import warmup
 
-    return warmup(_CHILD["model"], 1)
+    warmup(_CHILD["model"], 1)
+    return os.getpid()
 
 
 def _child_full(image: Any, intrinsics: Any, found: Keypoints, stamp: float,
