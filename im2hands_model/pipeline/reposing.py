@@ -51,7 +51,6 @@ class MeshBinding:
         faces: ``[F, 3]`` the mesh's faces (kept by every re-posed mesh).
         canonical: ``[16, V, 3]`` each vertex in each part's canonical space (float64).
         weights: ``[16, V]`` each part's share of each vertex (columns sum to 1).
-        part_rot: ``[16, 3, 3]`` the parts' rotations (normalised space -> canonical) when bound.
         is_left: the hand is a left hand (mirrored into a right one in normalised space).
         pose: the canonicalisation of the keypoints bound to.
     """
@@ -59,9 +58,8 @@ class MeshBinding:
     faces: np.ndarray
     canonical: Tensor
     weights: Tensor
-    part_rot: Tensor
     is_left: bool
-    pose: HandPose | None = None  # the binding keypoints' canonicalisation
+    pose: HandPose
 
 
 @dataclass
@@ -72,7 +70,7 @@ class Reposed:
     vertices: np.ndarray
     faces: np.ndarray
     part_turn_deg: float
-    pose: HandPose | None = None  # the new keypoints' canonicalisation
+    pose: HandPose  # the new keypoints' canonicalisation
 
 
 def _pose(joints: np.ndarray | Tensor, is_left: bool) -> HandPose:
@@ -98,7 +96,6 @@ def bind_mesh(vertices: np.ndarray, faces: np.ndarray, joints: np.ndarray,
         faces=np.asarray(faces, dtype=np.int64),
         canonical=pose.to_parts(norm)[0],
         weights=weights,
-        part_rot=pose.transforms[0, :, :3, :3].clone(),
         is_left=bool(is_left),
         pose=pose,
     )
@@ -108,7 +105,8 @@ def part_turn_deg(binding: MeshBinding, pose: HandPose) -> float:
     """The largest angle (degrees) by which a part has turned relative to the palm since
     ``binding`` (the palm's own motion is the root frame's, carried exactly)."""
     rot = pose.transforms[0, :, :3, :3]
-    rel = rot.transpose(-1, -2) @ binding.part_rot  # bound normalised -> new normalised, per part
+    bound = binding.pose.transforms[0, :, :3, :3]
+    rel = rot.transpose(-1, -2) @ bound  # bound normalised -> new normalised, per part
     cos = ((rel.diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0) / 2.0).clamp(-1.0, 1.0)
     return math.degrees(float(torch.acos(cos).max()))
 
@@ -148,21 +146,27 @@ class ReposedOccupancy:
     """
 
     def __init__(self, grids: Any, bindings: list[MeshBinding], reposed: list[Reposed]) -> None:
-        from scipy.spatial import cKDTree
-
         self.grids, self.bindings, self.reposed = grids, bindings, reposed
         self.device = grids.device
-        self._trees, self._motion = [], []
-        for b, r in zip(bindings, reposed, strict=True):
+        # per hand, built on its first query: most frames never ask (hands not overlapping)
+        self._carry: list[tuple[Any, Tensor, Tensor] | None] = [None] * len(bindings)
+
+    def _carrier(self, hand: int) -> tuple[Any, Tensor, Tensor]:
+        """``(k-d tree of the re-posed vertices in normalised space, A [V, 3, 3], a [V, 3])``
+        with ``n_old = A n_new + a`` at each vertex: ``sum_b w_b R0_b^T (R1_b n + t1_b - t0_b)``."""
+        if self._carry[hand] is None:
+            from scipy.spatial import cKDTree
+
+            b, r = self.bindings[hand], self.reposed[hand]
             verts = torch.as_tensor(r.vertices, dtype=torch.float64)[None]
-            self._trees.append(cKDTree(r.pose.to_normalized(verts)[0].numpy()))
-            # n_old = A n_new + a per vertex: sum_b w_b R0_b^T (R1_b n + t1_b - t0_b)
             r0, t0 = b.pose.transforms[0, :, :3, :3], b.pose.transforms[0, :, :3, 3]
             r1, t1 = r.pose.transforms[0, :, :3, :3], r.pose.transforms[0, :, :3, 3]
             rot = r0.transpose(-1, -2) @ r1  # [16, 3, 3]
             shift = (r0.transpose(-1, -2) @ (t1 - t0)[..., None])[..., 0]  # [16, 3]
-            self._motion.append((torch.einsum("pv,pij->vij", b.weights, rot),
-                                 b.weights.T @ shift))  # fmt: skip
+            self._carry[hand] = (cKDTree(r.pose.to_normalized(verts)[0].numpy()),
+                                 torch.einsum("pv,pij->vij", b.weights, rot),
+                                 b.weights.T @ shift)  # fmt: skip
+        return self._carry[hand]
 
     def inside(self, hand: int, points: Any) -> Tensor:
         """``[N]`` bool tensor: camera-frame points ``[N, 3]`` inside ``hand``'s re-posed mesh."""
@@ -174,13 +178,13 @@ class ReposedOccupancy:
         p = torch.as_tensor(np.asarray(points.cpu() if hasattr(points, "cpu") else points),
                             dtype=torch.float64)  # fmt: skip
         b, r = self.bindings[hand], self.reposed[hand]
+        tree, rot, shift = self._carrier(hand)
         n_new = r.pose.to_normalized(p[None])[0]
-        dist, idx = self._trees[hand].query(n_new.numpy(), distance_upper_bound=CARRY_REACH)
+        dist, idx = tree.query(n_new.numpy(), distance_upper_bound=CARRY_REACH)
         near = torch.as_tensor(np.isfinite(dist))
         out = torch.zeros(len(p), dtype=torch.float32)
         if not bool(near.any()):
             return out.to(self.device)
-        rot, shift = self._motion[hand]
         idx = torch.as_tensor(idx[near.numpy()])
         n_old = (rot[idx] @ n_new[near][..., None])[..., 0] + shift[idx]
         if b.is_left:

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import trimesh
 
-from im2hands_model.meshing import Mesh
 from im2hands_model.pipeline.contacts import hand_contacts
 from im2hands_model.pipeline.reposing import (
     MAX_PART_TURN_DEG,
@@ -253,8 +252,7 @@ class VideoReconstruction:
         if shape is None:
             return None, "waiting for the first full reconstruction"
         hands: list[HandResult | None] = [None, None]
-        meshes: list[Mesh | None] = [None, None]
-        moved_hands: list[Reposed | None] = [None, None]
+        moved_hands: list[Reposed | None] = [None, None]  # meshes for the contacts, too
         for h in range(2):
             if not found.present[h]:
                 continue
@@ -265,7 +263,6 @@ class VideoReconstruction:
             if moved.part_turn_deg > self.max_part_turn_deg:
                 turn = f"{moved.part_turn_deg:.0f} deg"
                 return None, f"the {HAND_NAMES[h]} hand's pose moved {turn} since its shape"
-            meshes[h] = Mesh(moved.vertices, moved.faces)
             moved_hands[h] = moved
             mesh = trimesh.Trimesh(moved.vertices, moved.faces, process=False)
             hands[h] = HandResult(HAND_NAMES[h], mesh, found.joints[h].copy(),
@@ -275,7 +272,7 @@ class VideoReconstruction:
         grids = None
         if all(m is not None for m in moved_hands) and shape.result.occupancy is not None:
             grids = ReposedOccupancy(shape.result.occupancy, shape.bindings, moved_hands)
-        contacts = hand_contacts(meshes, cfg.contact_distance, cfg.voxel_size, grids,
+        contacts = hand_contacts(moved_hands, cfg.contact_distance, cfg.voxel_size, grids,
                                  REPOSED_MAX_VOXELS)  # fmt: skip
         timings = {"repose_contacts": (time.perf_counter() - t0) * 1e3}
         full = shape.result
