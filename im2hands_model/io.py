@@ -1,4 +1,5 @@
-"""Small file helpers shared by the whole package: hashing, atomic writes, weight fingerprints.
+"""Small file helpers shared by the whole package: hashing, atomic writes, weight fingerprints,
+a process's CPU time.
 
 Core module: it imports nothing else of the package, so the pipeline, the hand tracker, the
 networks and training can all use it without depending on each other.
@@ -12,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "sha256", "weights_fingerprint"]
+__all__ = ["atomic_write", "cpu_seconds", "sha256", "weights_fingerprint"]
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -68,3 +69,16 @@ def weights_fingerprint(nets: dict[str, Any]) -> str:
             h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def cpu_seconds(pid: int | None = None) -> float | None:
+    """User + system CPU seconds of this process, or of process ``pid`` (Linux ``/proc``;
+    ``None`` where it cannot be read)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None

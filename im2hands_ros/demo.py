@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from im2hands_model.io import cpu_seconds
+
 __all__ = ["main"]
 
 
@@ -87,18 +89,6 @@ def _wait_log(log: Path, text: str, proc: subprocess.Popen, timeout: float, what
         time.sleep(0.2)
     tail = log.read_text(errors="replace")[-2500:]
     raise RuntimeError(f"{what} did not start (see {log}):\n{tail}")
-
-
-def _cpu_seconds(pid: int | None = None) -> float | None:
-    """User + system CPU seconds of a process so far (Linux ``/proc``; ``None`` elsewhere)."""
-    if pid is None:
-        t = os.times()
-        return t.user + t.system
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -225,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             executor.spin_once(timeout_sec=0.05)
         skip = len(recorder.latencies_ms)
         start = recorder.snapshot()["diagnostics"]
-        cpu0 = [_cpu_seconds(procs[0].pid), _cpu_seconds(procs[1].pid), _cpu_seconds()]
+        cpu0 = [cpu_seconds(procs[0].pid), cpu_seconds(procs[1].pid), cpu_seconds()]
         print(f"measuring for {args.duration:.0f} s at {args.rate:g} Hz ...")
         t_end = time.monotonic() + args.duration
         while time.monotonic() < t_end:
@@ -233,7 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for p in procs:
                 if p.poll() is not None:
                     raise RuntimeError(f"{p.args[0]} exited with {p.returncode}")
-        cpu1 = [_cpu_seconds(procs[0].pid), _cpu_seconds(procs[1].pid), _cpu_seconds()]
+        cpu1 = [cpu_seconds(procs[0].pid), cpu_seconds(procs[1].pid), cpu_seconds()]
         t_end = time.monotonic() + 1.5  # the last diagnostics
         while time.monotonic() < t_end:
             executor.spin_once(timeout_sec=0.05)

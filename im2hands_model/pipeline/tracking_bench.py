@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from im2hands_model.io import cpu_seconds
 from im2hands_model.pipeline.bench import BenchFrame, frame_iou
 
 __all__ = ["TRACKING_SEED", "run_tracking_bench", "sequence_frames", "format_tracking_report"]
@@ -52,25 +53,21 @@ def sequence_frames(seed: int = TRACKING_SEED, keys: int = 4, fps: float = 30.0,
     return out
 
 
-def _camera(images: Any, fps: float, start: float, frames: int) -> None:
-    """The camera process: send ``(index, image)`` at ``start + index / fps`` (monotonic)."""
-    queue, payload, latest = images
+def _camera(channel: Any, fps: float, start: float, frames: int) -> None:
+    """The camera process: send ``(index, image)`` at ``start + index / fps`` (monotonic);
+    ``channel`` is ``(queue, images, latest sent index)``."""
+    queue, images, latest = channel
     for i in range(frames):
         time.sleep(max(0.0, start + i / fps - time.monotonic()))
-        queue.put((i, payload[i]))
+        queue.put((i, images[i]))
         latest.value = i
     queue.put(None)
     latest.value = frames
 
 
-def _cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU seconds of this process (or of ``pid``, from /proc)."""
-    if pid is None:
-        t = os.times()
-        return t.user + t.system
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _cores(before: float | None, after: float | None, seconds: float) -> float | None:
+    """CPU cores used between two :func:`~im2hands_model.io.cpu_seconds` readings."""
+    return None if before is None or after is None else (after - before) / seconds
 
 
 def run_tracking_bench(model: Any, frames: list[tuple[float, BenchFrame]], fps: float = 30.0,
@@ -102,9 +99,9 @@ def run_tracking_bench(model: Any, frames: list[tuple[float, BenchFrame]], fps: 
         proc = ctx.Process(target=_camera, args=((queue, images, latest), fps, start,
                                                  len(frames)), daemon=True)  # fmt: skip
         proc.start()
-    cpu0 = _cpu_seconds()
-    cam0 = _cpu_seconds(proc.pid) if proc else 0.0
-    worker0 = _cpu_seconds(video.worker_pid) if video.worker_pid else 0.0
+    cpu0 = cpu_seconds()
+    cam0 = cpu_seconds(proc.pid) if proc else None
+    worker0 = cpu_seconds(video.worker_pid) if video.worker_pid else None
     last = -1
     bar = tqdm(total=len(frames), desc="real time", unit="frame", disable=not progress)
     try:
@@ -128,18 +125,18 @@ def run_tracking_bench(model: Any, frames: list[tuple[float, BenchFrame]], fps: 
             result = video(image, frame.K, keypoints=frame.keypoints if given else None,
                            depth=frame.depth, stamp=stamp)  # fmt: skip
             done = time.monotonic() - start
-            shape = video._shape  # the shape this frame was made from (held variant)
+            # the shape this frame was made from (its result unchanged: the held variant)
             played.append({"index": newest, "result": result, "latency_ms": (done - stamp) * 1e3,
-                           "held": None if shape is None else shape.result,
-                           "shape": shape})  # fmt: skip
+                           "shape": video._shape})  # fmt: skip
             bar.update(newest - last)
             last = newest
     finally:
         bar.close()
         duration = max(time.monotonic() - start, 1e-6)
-        cpu = _cpu_seconds() - cpu0
-        cam_cpu = (_cpu_seconds(proc.pid) - cam0) if proc is not None and proc.is_alive() else 0.0
-        worker_cpu = (_cpu_seconds(video.worker_pid) - worker0) if video.worker_pid else None
+        cpu = _cores(cpu0, cpu_seconds(), duration)
+        cam_cpu = _cores(cam0, cpu_seconds(proc.pid) if proc else None, duration)
+        worker_cpu = _cores(worker0, cpu_seconds(video.worker_pid) if video.worker_pid else None,
+                            duration)  # fmt: skip
         video.close()
         if proc is not None:
             proc.join(10)
@@ -165,8 +162,8 @@ def run_tracking_bench(model: Any, frames: list[tuple[float, BenchFrame]], fps: 
             keypoints = frame.keypoints if given else _keypoints_of(p["result"])
             full = full_model(frame.image, frame.K, keypoints=keypoints)
             row["iou_full"] = frame_iou(full, frame, iou_points, i)
-        if p["held"] is not None:
-            row["iou_held"] = frame_iou(p["held"], frame, iou_points, i)
+        if p["shape"] is not None:
+            row["iou_held"] = frame_iou(p["shape"].result, frame, iou_points, i)
         per_frame.append(row)
     scored = [r for r in per_frame if r["kind"] == "reposed" and "iou_tracked" in r]
     # the full reconstruction with and without its shortcuts, on the same frames, interleaved
@@ -184,7 +181,7 @@ def run_tracking_bench(model: Any, frames: list[tuple[float, BenchFrame]], fps: 
             r = m(frame.image, frame.K, keypoints=keypoints, prior=prior if key == "on" else None)
             speed[key].append(r.timings_ms["total"])
             speed[f"iou_{key}"].append(frame_iou(r, frame, iou_points, i))
-    fulls = len({id(p["held"]) for p in played if p["held"] is not None})
+    fulls = len({id(p["shape"]) for p in played if p["shape"] is not None})
     report = {
         "frames": len(frames),
         "fps": fps,
@@ -203,8 +200,7 @@ def run_tracking_bench(model: Any, frames: list[tuple[float, BenchFrame]], fps: 
         "iou_full": _mean([r["iou_full"] for r in scored]),
         "iou_held": _mean([r["iou_held"] for r in scored if "iou_held" in r]),
         "frames_scored": len(scored),
-        "cpu_cores_used": {"pipeline": cpu / duration, "camera": cam_cpu / duration,
-                           "worker_process": None if worker_cpu is None else worker_cpu / duration},
+        "cpu_cores_used": {"pipeline": cpu, "camera": cam_cpu, "worker_process": worker_cpu},
         "full_speedup": sum(speed["off"]) / sum(speed["on"]) if speed["on"] else float("nan"),
         "full_ms_median": {"shortcuts": _median(speed["on"]),
                            "no_shortcuts": _median(speed["off"])},  # fmt: skip
@@ -248,10 +244,10 @@ def format_tracking_report(report: dict[str, Any]) -> str:
         f"{report['latency_ms_reposed_median']:.0f} ms, p95 {report['latency_ms_reposed_p95']:.0f}",
         f"IoU: re-posed {report['iou_reposed']:.1f}, full per frame {report['iou_full']:.1f}, "
         f"held (no re-posing) {report['iou_held']:.1f}",
-        f"CPU cores used: pipeline {report['cpu_cores_used']['pipeline']:.2f}, camera "
-        f"{report['cpu_cores_used']['camera']:.2f}"
-        + (f", worker process {report['cpu_cores_used']['worker_process']:.2f}"
-           if report["cpu_cores_used"]["worker_process"] is not None else ""),
+        "CPU cores used: " + ", ".join(
+            f"{name.replace('_', ' ')} {cores:.2f}"
+            for name, cores in report["cpu_cores_used"].items() if cores is not None
+        ),
         f"full reconstruction with its shortcuts {report['full_speedup']:.2f}x as fast "
         f"(median {report['full_ms_median']['shortcuts']:.0f} vs "
         f"{report['full_ms_median']['no_shortcuts']:.0f} ms; IoU "
