@@ -434,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--no-learned", action="store_true", help="skip the learned predictor")
     p.add_argument("--realism", action="store_true",
-                   help="realistic renders: forearms, photo backgrounds, camera effects")
+                   help="realistic renders: views, arms, photo backgrounds, light, camera "
+                   "effects")
     p.add_argument("--pictures", default=None, help="write an overlay sheet (JPEG) here")
     p.add_argument("--photos", nargs="*", default=[], help="real photos for the sheet's top row")
     p.set_defaults(func=cmd_bench_keypoints)

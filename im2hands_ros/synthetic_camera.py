@@ -64,12 +64,16 @@ Parameters (``--ros-args -p name:=value``, read once at start-up):
 ``depth`` (string, ``16UC1``, ``32FC1`` or ``off``, default ``16UC1``)
     Encoding of the ``depth`` topic, or no depth topic.
 ``realism`` (bool, default false)
-    Realistic renders: forearms, photo backgrounds and camera effects
-    (:mod:`im2hands_model.data.realism`); the same hands, poses and cameras either way.
+    Realistic renders: arms, body-anchored views, photo backgrounds, light and camera effects
+    (:mod:`im2hands_model.data.realism`); the same hands and poses either way.
+``depth_noise`` (bool, default false)
+    The ``depth`` topic as a consumer active-stereo camera measures it: disparity steps and
+    noise, no measurement closer than its range, holes along edges and small dropouts.
 ``sequence`` (int, default 0)
     0: cycle ``frames`` still scenes. N >= 2: play moving hands through N two-hand key scenes,
     one second apart at ``rate`` (:mod:`im2hands_model.data.sequences`), forth and back, with
-    the ground truth of every frame (``frames`` and ``realism`` do not apply).
+    the ground truth of every frame (``frames``, ``realism`` and ``depth_noise`` do not
+    apply).
 
 A bad parameter value is logged as an error and the process exits with status 2. SIGINT and
 SIGTERM stop the node cleanly (status 0), also while it is still rendering.
@@ -113,7 +117,8 @@ _DESCRIPTIONS: dict[str, str] = {
     "count": "publish this many frames and exit (int, >= 0; 0 = until interrupted)",
     "reliability": "QoS reliability of image and image/compressed: best_effort or reliable",
     "depth": "encoding of the depth topic: 16UC1 (millimetres), 32FC1 (metres) or off",
-    "realism": "realistic renders: forearms, photo backgrounds, camera effects (bool)",
+    "realism": "realistic renders: arms, photo backgrounds, light, camera effects (bool)",
+    "depth_noise": "depth as a consumer depth camera measures it: noise, steps, holes (bool)",
     "sequence": "0: cycle still frames; N >= 2: moving hands through N key scenes (int)",
 }
 
@@ -141,6 +146,7 @@ class CameraConfig:
     reliability: str
     depth: str = "16UC1"
     realism: bool = False
+    depth_noise: bool = False
     sequence: int = 0
 
     @staticmethod
@@ -187,15 +193,18 @@ class CameraConfig:
             raise ParameterError(
                 f"parameter 'compressed' must be true or false, got {compressed!r}"
             )
-        realism = values.get("realism", False)
-        if not isinstance(realism, bool):
-            raise ParameterError(f"parameter 'realism' must be true or false, got {realism!r}")
+        flags = {}
+        for name in ("realism", "depth_noise"):
+            flags[name] = values.get(name, False)
+            if not isinstance(flags[name], bool):
+                raise ParameterError(
+                    f"parameter '{name}' must be true or false, got {flags[name]!r}")
         sequence = integer("sequence", 0, 60) if "sequence" in values else 0
         if sequence == 1:
             raise ParameterError("parameter 'sequence' must be 0 or at least 2 key scenes, got 1")
         return CameraConfig(
             sequence=sequence,
-            realism=realism,
+            **flags,
             rate=rate,
             frames=integer("frames", 1, MAX_FRAMES),
             seed=integer("seed", 0),
@@ -222,6 +231,7 @@ def _defaults() -> dict[str, Any]:
         "reliability": "best_effort",
         "depth": "16UC1",
         "realism": False,
+        "depth_noise": False,
         "sequence": 0,
     }
 
@@ -337,7 +347,8 @@ class SyntheticCamera:
             frames = frames + frames[-2:0:-1]  # forth and back: no jump when it starts again
         else:
             self.logger.info(f"rendering {c.frames} frame(s) (seed {c.seed}) ...")
-            frames = synthetic_frames(c.frames, seed=c.seed, realism=c.realism)
+            frames = synthetic_frames(c.frames, seed=c.seed, realism=c.realism,
+                                      depth_noise=c.depth_noise)
         t1 = time.monotonic()
         header = Header(frame_id=c.frame_id)
         self.frames = [_frame_messages(f, header, c) for f in frames]

@@ -197,6 +197,60 @@ def test_per_pixel_lighting_and_two_renderers_in_one_process(renderer):
         other.release()
 
 
+def _plane(half: float, z: float, n: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """A finely tessellated square facing the camera (shadows are read per vertex)."""
+    xs = np.linspace(-half, half, n)
+    X, Y = np.meshgrid(xs, xs)
+    v = np.c_[X.ravel(), Y.ravel(), np.full(X.size, z)]
+    a = (np.arange(n - 1)[:, None] * n + np.arange(n - 1)[None]).ravel()
+    f = np.concatenate([np.c_[a, a + n + 1, a + 1], np.c_[a, a + n, a + n + 1]])
+    return v, f
+
+
+@pytest.mark.parametrize("per_pixel", [False, True])
+def test_key_light_casts_a_soft_shadow_where_geometry_puts_it(renderer, per_pixel):
+    K = intrinsics(200.0, 200.0, 64.0, 64.0)
+    card = (np.array([[-0.03, -0.03, 0.5], [0.03, -0.03, 0.5], [0.03, 0.03, 0.5],
+                      [-0.03, 0.03, 0.5]]), np.array([[0, 2, 1], [0, 3, 2]]))  # fmt: skip
+    meshes = [(*_plane(0.2, 0.6), (0.8, 0.8, 0.8)), (*card, (0.8, 0.2, 0.2))]
+    lights = [Light(direction=(0.3, 0.0, 1.0), intensity=0.9)]
+    r = renderer if not per_pixel else Renderer(128, 128, per_pixel_lighting=True)
+    try:
+        plain = r.render(meshes, K, 128, 128, lights=lights, ambient=0.1)
+        lit = r.render(meshes, K, 128, 128, lights=lights, ambient=0.1, shadows=True)
+        sharp = r.render(meshes, K, 128, 128, lights=lights, ambient=0.1, shadows=True,
+                         shadow_softness_m=0.001)  # fmt: skip
+    finally:
+        if per_pixel:
+            r.release()
+    darker = plain.rgb.astype(int).sum(2) - lit.rgb.astype(int).sum(2)
+    assert darker.min() >= -3  # a shadow only ever takes light away
+    rows, cols = np.nonzero(darker > 60)
+    # light travelling 0.3 m sideways per metre: the card (z 0.5, 6 cm) shades the back plane
+    # (z 0.6) 3 cm to the right, 10 px at f = 200 px; the visible part is right of the card
+    assert len(rows) > 100 and 74 <= cols.min() and cols.max() <= 88
+    assert abs(rows.mean() - 64) < 3
+    assert np.array_equal(plain.mask, lit.mask)  # shadows change the shading only
+    # the penumbra: a softer shadow has more partly lit pixels than a sharp one
+    sharp_darker = plain.rgb.astype(int).sum(2) - sharp.rgb.astype(int).sum(2)
+    partial = (darker > 20) & (darker < 0.8 * darker.max())
+    partial_sharp = (sharp_darker > 20) & (sharp_darker < 0.8 * sharp_darker.max())
+    assert partial.sum() > partial_sharp.sum()
+
+
+def test_wrapped_light_reaches_past_the_terminator(renderer):
+    K = intrinsics(300.0, 300.0, 128.0, 128.0)
+    v, f = sphere((0.0, 0.0, 0.5), 0.08)
+    lights = [Light(direction=(1.0, 0.0, 0.0), intensity=0.9)]  # from the left, grazing
+    args = dict(lights=lights, ambient=0.0, background=(0, 0, 0), specular=0.0)
+    hard = renderer.render([(v, f, (0.8, 0.6, 0.5))], K, **args)
+    soft = renderer.render([(v, f, (0.8, 0.6, 0.5))], K, wrap=0.4, **args)
+    same = renderer.render([(v, f, (0.8, 0.6, 0.5))], K, wrap=0.0, shadows=False, **args)
+    np.testing.assert_array_equal(same.rgb, hard.rgb)  # defaults leave images unchanged
+    # just past the terminator (the right half faces away from the light): dark without wrap
+    assert hard.rgb[128, 132:140].max() <= 2 and soft.rgb[128, 132:140].min() > 10
+
+
 def test_vertex_normals_of_sphere_are_radial():
     n = vertex_normals(SPHERE.vertices, SPHERE.faces)
     radial = SPHERE.vertices / np.linalg.norm(SPHERE.vertices, axis=1, keepdims=True)

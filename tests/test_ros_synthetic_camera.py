@@ -179,13 +179,15 @@ def test_namespaced_reliable_bgr8_camera_stops_on_sigterm(tmp_path, run):
         images = listener.listen("/cam/image", Image, reliable=True)
         infos = listener.listen("/cam/camera_info", CameraInfo, reliable=True)
         compressed = listener.listen("/cam/image/compressed", CompressedImage)
+        depths = listener.listen("/cam/depth", Image, reliable=True)
         proc = spawn(
             [CAMERA, "--ros-args", "-r", "__ns:=/cam", "-p", "frames:=1", "-p", "rate:=10",
-             "-p", "encoding:=bgr8", "-p", "reliability:=reliable", "-p", "frame_id:=cam"],
+             "-p", "encoding:=bgr8", "-p", "reliability:=reliable", "-p", "frame_id:=cam",
+             "-p", "depth:=32FC1", "-p", "depth_noise:=true"],
             log,
         )  # fmt: skip
         try:
-            wait_for(lambda: len(images) >= 3 and len(infos) >= 3, START_TIMEOUT,
+            wait_for(lambda: len(images) >= 3 and len(infos) >= 3 and depths, START_TIMEOUT,
                      "images on /cam/image", log)  # fmt: skip
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(15)
@@ -201,6 +203,17 @@ def test_namespaced_reliable_bgr8_camera_stops_on_sigterm(tmp_path, run):
     frame0 = [m for s, m in _by_stamp(run["image"]).items() if order[s] % 2 == 0]
     if frame0:
         assert np.array_equal(conv.image_to_rgb(msg), conv.image_to_rgb(frame0[0]))
+    # depth_noise: the same frame's depth as a consumer depth camera measures it, in metres
+    noisy = conv.depth_to_array(depths[0][1])
+    clean = [conv.depth_to_array(m) for s, m in _by_stamp(run["depth"]).items()
+             if order[s] % 2 == 0]  # fmt: skip
+    assert noisy.dtype == np.float32 and (noisy > 0).any()
+    if clean:
+        exact = clean[0].astype(np.float32) / 1000
+        both = (noisy > 0) & (exact > 0)
+        assert not ((noisy > 0) & (exact == 0)).any()  # no depth where nothing is
+        assert both.sum() < 0.97 * (exact > 0).sum()  # holes along the edges
+        assert np.median(np.abs(noisy[both] - exact[both])) < 0.006
 
 
 def test_sigint_while_rendering_exits_cleanly(tmp_path):
@@ -224,6 +237,7 @@ def test_sigint_while_rendering_exits_cleanly(tmp_path):
         ("rate:=-1.0", "parameter 'rate' must be > 0"),
         ("encoding:=yuv422", "parameter 'encoding' must be one of rgb8, bgr8"),
         ("sequence:=1", "parameter 'sequence' must be 0 or at least 2 key scenes"),
+        ("depth_noise:=1", "parameter 'depth_noise' must be true or false"),
     ],
 )
 def test_bad_parameter_exits_with_2(tmp_path, override, message):

@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument(
         "--realism",
         action="store_true",
-        help="forearms, photo backgrounds (Debian's mate-backgrounds) and camera effects; "
-        "implies --skin-cues (the shipped weights were trained without)",
+        help="body-anchored views, arms, photo backgrounds (Debian's mate-backgrounds), light "
+        "with shadows and camera effects; implies --skin-cues (the shipped weights were "
+        "trained without)",
     )
     synth.add_argument("--no-contact-sheet", action="store_true", help="skip contact_sheet.png")
     mano = sub.add_parser(

@@ -5,11 +5,12 @@ draws its parameters from its own random stream (:func:`realism_rng`), so a scen
 and camera are the same with and without realism -- the two renders of one scene can be compared
 directly -- and each scene records what was drawn (``Scene.info["realism"]``).
 
-* **Forearms** (:func:`forearm_meshes`): a tapered tube of elliptic section from inside the
-  wrist along the forearm's direction (wrist away from the middle-finger base, turned by a few
-  degrees), capped at the elbow end, as wide as the palm at the wrist; part of it may be a sleeve
-  of a random colour. A stand-in for Anny's full body (its arm mesh is not separable from the
-  hand rig in ``anny==0.6.2``'s hand topology); labels, keypoints and contacts stay the hands'.
+* **Views** (:func:`body_view`): hands held by a person in front of the camera, arms entering
+  the frame from below or a side, 0.25-0.9 m away; some scenes from any view.
+* **Arms** (:func:`arm_meshes`): forearm, elbow and upper arm as tapered tubes, with sleeves of
+  random colour and length. A stand-in for Anny's full body (its arm mesh is not separable from
+  the hand rig in ``anny==0.6.2``'s hand topology); labels, keypoints and contacts stay the
+  hands'.
 * **Backgrounds** (:class:`PhotoBackgrounds`): real photographs from Debian packages installed by
   the set-up (``mate-backgrounds``: its ``nature`` photographs, GPL-2+, credited in
   ``docs/render_realism.md``), randomly cropped, scaled, flipped and toned; the procedural
@@ -29,18 +30,31 @@ from typing import Any
 import cv2
 import numpy as np
 
-from im2hands_model.data.render import vertex_color_jitter
+from im2hands_model.data.render import Light, vertex_color_jitter
 
 __all__ = [
     "BACKGROUND_DIRS",
+    "BODY_VIEW_SHARE",
+    "CAMERA_DISTANCE_M",
     "PhotoBackgrounds",
+    "body_view",
     "camera_effects",
-    "forearm_meshes",
+    "depth_camera",
+    "depth_rng",
+    "light_colour",
+    "arm_meshes",
     "realism_rng",
+    "scene_lights",
 ]
 
 #: Folders searched for background photographs (``IM2HANDS_BACKGROUNDS``: ``:``-separated list).
 BACKGROUND_DIRS: tuple[str, ...] = ("/usr/share/backgrounds/mate/nature",)
+#: Share of scenes seen from a body-anchored view (:func:`body_view`); the rest from any view.
+BODY_VIEW_SHARE = 0.85
+#: Camera to hands' centre, metres: arm's length down to a close-up (the plain renders: 0.3-0.9).
+CAMERA_DISTANCE_M = (0.25, 0.9)
+#: Share of backgrounds that are photographs (the rest procedural, for variety).
+PHOTO_SHARE = 0.9
 #: Longest side the photographs are kept at in memory, pixels.
 _PHOTO_SIDE = 720
 
@@ -49,6 +63,44 @@ def realism_rng(seed: int, index: int) -> np.random.Generator:
     """The realism stream of scene ``index`` of a dataset made with ``seed`` (independent of the
     scene's geometry stream)."""
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 0x5EA1]))
+
+
+# ------------------------------------------------------------------------------------ views
+def _forearm_direction(joints: np.ndarray) -> np.ndarray:
+    """Unit direction from the wrist toward the elbow: away from the middle finger's base."""
+    return _unit(np.asarray(joints[0], np.float64) - np.asarray(joints[9], np.float64))
+
+
+def body_view(
+    rng: np.random.Generator, joints: list[np.ndarray], tries: int = 64
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """A global rotation for hands that belong to a person in front of the camera, and its record.
+
+    In photographs the arms come from the body: into the frame from below or from a side, rarely
+    from the top, and seldom straight along the optical axis. With probability
+    :data:`BODY_VIEW_SHARE` the rotation is drawn until every hand's forearm (camera frame: x
+    right, y down, z forward) points no higher than slightly up (``y > -0.1``) and at most ~53°
+    from the image plane (``|z| < 0.8``); else (and for the few layouts with no such view in
+    ``tries`` draws: the best one) any rotation.
+
+    Args:
+        rng: the realism stream.
+        joints: ``[21, 3]`` joints of each visible hand in the layout's frame.
+    """
+    from scipy.spatial.transform import Rotation
+
+    dirs = np.stack([_forearm_direction(j) for j in joints])
+    if rng.random() >= BODY_VIEW_SHARE:
+        return Rotation.random(random_state=rng).as_matrix(), {"view": "any"}
+    best, best_margin, used = np.eye(3), -np.inf, 0
+    while used < tries and best_margin <= 0:
+        R = Rotation.random(random_state=rng).as_matrix()
+        d = dirs @ R.T
+        margin = float(min((d[:, 1] + 0.1).min(), (0.8 - np.abs(d[:, 2])).min()))
+        used += 1
+        if margin > best_margin:
+            best, best_margin = R, margin
+    return best, {"view": "body", "tries": used, "fits": best_margin > 0}
 
 
 # ------------------------------------------------------------------------------------ forearms
@@ -80,18 +132,53 @@ def _tube(centres: np.ndarray, axes_a: np.ndarray, axes_b: np.ndarray, radii: np
     return verts, np.asarray(faces, np.int64)
 
 
-def forearm_meshes(
+#: Colour variation of cloth (strength, wavelength in metres): folds and weave.
+CLOTH = (0.08, 0.05)
+
+
+def _bent_axis(start: np.ndarray, d0: np.ndarray, d1: np.ndarray, length: float, m: int
+               ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """``m`` ring centres from ``start`` along a direction bending smoothly from ``d0`` to ``d1``,
+    and the direction at each."""
+    s = np.linspace(0.0, 1.0, m)
+    dirs = np.stack([_unit((1 - t) * d0 + t * d1) for t in s])
+    steps = np.vstack([np.zeros(3), dirs[:-1]]) * (length / (m - 1))
+    return start + np.cumsum(steps, 0), dirs
+
+
+def _frames(dirs: np.ndarray, across: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-ring section axes: ``across`` made orthogonal to each direction, and their cross."""
+    a = np.stack([_unit(across - d * float(across @ d)) for d in dirs])
+    return a, np.cross(dirs, a)
+
+
+def _part(centres: np.ndarray, dirs: np.ndarray, across: np.ndarray, radii: np.ndarray,
+          rgb: np.ndarray, rng: np.random.Generator, cap_end: bool,
+          jitter: tuple[float, float] = (0.05, 0.03)) -> tuple[Any, ...]:  # fmt: skip
+    """One renderer mesh of an arm: a tube along ``centres`` with ``(strength, scale)`` colour
+    variation (:func:`vertex_color_jitter`)."""
+    a, b = _frames(dirs, across)
+    verts, faces = _tube(centres, a, b, radii, 20, cap_end)
+    return verts, faces, rgb, vertex_color_jitter(rng, verts, *jitter)
+
+
+def arm_meshes(
     joints: np.ndarray, rng: np.random.Generator, skin: np.ndarray
 ) -> tuple[list[tuple[Any, ...]], dict[str, Any]]:
-    """Renderer meshes of one hand's forearm (skin, and a sleeve part), and what was drawn.
+    """Renderer meshes of one hand's arm (forearm, sleeve, upper arm), and what was drawn.
+
+    The forearm is a tapered tube of elliptic section from inside the wrist, away from the
+    middle finger's base and bent by a few degrees, as wide as the palm at the wrist. At the
+    elbow the upper arm (usually in a shirt's sleeve) turns by 20-100° toward a body below and
+    behind the hands, long enough to leave the frame at most distances.
 
     Args:
-        joints: ``[21, 3]`` the hand's joints, camera frame (metres).
+        joints: ``[21, 3]`` the hand's joints, camera frame (metres; y down, z forward).
         rng: the realism stream.
         skin: RGB skin tone of the hand (display values in [0, 1]).
     """
     j = np.asarray(joints, np.float64)
-    axis = _unit(j[0] - j[9])  # from the hand toward the elbow
+    axis = _forearm_direction(j)
     width = float(np.linalg.norm(j[5] - j[17]))
     across = j[5] - j[17]
     across = _unit(across - axis * float(across @ axis))
@@ -100,33 +187,98 @@ def forearm_meshes(
     tilt = math.radians(float(rng.uniform(-10, 10)))
     end_dir = _unit(axis + math.tan(bend) * across + math.tan(tilt) * depth_dir)
     length = float(rng.uniform(0.18, 0.30))
-    start = j[0] + 0.012 * _unit(j[9] - j[0])  # begins inside the wrist: no gap
+    start = j[0] - 0.012 * axis  # begins inside the wrist: no gap
     m = 10
+    centres, dirs = _bent_axis(start, axis, end_dir, length, m)
     s = np.linspace(0.0, 1.0, m)
-    # the axis bends smoothly from the wrist's direction to the elbow's
-    dirs = np.stack([_unit((1 - t) * axis + t * end_dir) for t in s])
-    centres = start + np.cumsum(np.vstack([np.zeros(3), dirs[:-1]]) * (length / (m - 1)), 0)
-    a_axes = np.stack([_unit(across - d * float(across @ d)) for d in dirs])
-    b_axes = np.cross(dirs, a_axes)
     r_wrist = 0.5 * width * float(rng.uniform(0.72, 0.85))
     grow = float(rng.uniform(1.15, 1.45))
     radii = np.stack([r_wrist * (1 + (grow - 1) * s ** 1.5),
                       r_wrist * 0.68 * (1 + (grow - 1) * 1.1 * s ** 1.5)], 1)  # fmt: skip
     record: dict[str, Any] = {"length_m": length, "bend_deg": math.degrees(bend)}
+    arm_skin = np.clip(skin * rng.uniform(0.95, 1.03, 3), 0, 1)
+    sleeve = np.clip(rng.uniform(0.05, 0.95, 3) ** rng.uniform(0.6, 1.6), 0, 1)
     sleeve_at = float(rng.uniform(0.25, 0.85)) if rng.random() < 0.6 else 1.0
     cut = max(2, int(round(sleeve_at * (m - 1))) + 1)
-    meshes = []
-    verts, faces = _tube(centres[:cut], a_axes[:cut], b_axes[:cut], radii[:cut], 20,
-                         cap_end=cut == m)  # fmt: skip
-    meshes.append((verts, faces, np.clip(skin * rng.uniform(0.95, 1.03, 3), 0, 1),
-                   vertex_color_jitter(rng, verts, 0.05)))  # fmt: skip
+    meshes = [_part(centres[:cut], dirs[:cut], across, radii[:cut], arm_skin, rng, cut == m)]
     if cut < m:
-        sleeve = np.clip(rng.uniform(0.05, 0.95, 3) ** rng.uniform(0.6, 1.6), 0, 1)
         sl = slice(cut - 1, m)
-        verts, faces = _tube(centres[sl], a_axes[sl], b_axes[sl], radii[sl] * 1.12, 20, True)
-        meshes.append((verts, faces, sleeve, vertex_color_jitter(rng, verts, 0.08, 0.05)))
+        meshes.append(_part(centres[sl], dirs[sl], across, radii[sl] * 1.12, sleeve, rng, True,
+                            CLOTH))  # fmt: skip
         record["sleeve"] = {"from": sleeve_at, "rgb": sleeve.round(3).tolist()}
+    # the upper arm, toward a shoulder below and behind the hands
+    toward_body = np.array([rng.normal(0.0, 0.5), 1.0, 0.6])
+    perp = toward_body - end_dir * float(toward_body @ end_dir)
+    perp = _unit(perp) if np.linalg.norm(perp) > 1e-6 else across
+    elbow = math.radians(float(rng.uniform(20, 100)))
+    up_dir = _unit(math.cos(elbow) * end_dir + math.sin(elbow) * perp)
+    up_len = float(rng.uniform(0.24, 0.32))
+    up_centres, up_dirs = _bent_axis(centres[-1] - 0.02 * end_dir, end_dir, up_dir, up_len, 6)
+    t = np.linspace(0.0, 1.0, 6)[:, None]
+    up_radii = radii[-1] * (1 + float(rng.uniform(0.05, 0.3)) * t)
+    sleeved = cut < m or rng.random() < 0.8  # a long sleeve, else a shirt's short sleeve
+    if sleeved:
+        up_radii = up_radii * 1.12
+    meshes.append(_part(up_centres, up_dirs, across, up_radii, sleeve if sleeved else arm_skin,
+                        rng, True, CLOTH if sleeved else (0.05, 0.03)))  # fmt: skip
+    record["upper_arm"] = {"elbow_deg": math.degrees(elbow), "length_m": up_len,
+                           "sleeve": bool(sleeved)}  # fmt: skip
     return meshes, record
+
+
+# ------------------------------------------------------------------------------------ light
+#: Light colour (linear RGB, green = 1) from warm tungsten (2700 K) to overcast daylight (6500 K).
+_KELVIN = np.array([2700.0, 3500.0, 4500.0, 5500.0, 6500.0])
+_KELVIN_RGB = np.array([[1.0, 0.71, 0.42], [1.0, 0.80, 0.60], [1.0, 0.89, 0.79],
+                        [1.0, 0.96, 0.92], [0.95, 0.97, 1.0]])  # fmt: skip
+
+
+def light_colour(kelvin: float) -> np.ndarray:
+    """Approximate linear RGB of a light of colour temperature ``kelvin`` (2700-6500 K)."""
+    return np.array([np.interp(kelvin, _KELVIN, _KELVIN_RGB[:, c]) for c in range(3)])
+
+
+def _direction(rng: np.random.Generator, from_behind: bool) -> tuple[float, float, float]:
+    """A travel direction: mostly from above and the camera side (``from_behind``: toward it)."""
+    d = rng.normal(0.0, 1.0, 3)
+    d[1] = abs(d[1]) * 0.8 + 0.2  # travels downward: light from above
+    d[2] = -(abs(d[2]) + 0.8) if from_behind else abs(d[2]) + 0.3
+    return tuple(float(x) for x in _unit(d))
+
+
+def scene_lights(rng: np.random.Generator) -> tuple[list[Light], np.ndarray, dict[str, Any],
+                                                     dict[str, Any]]:  # fmt: skip
+    """Key, fill and ambient light of a room or of daylight, with skin's shading parameters.
+
+    A key light of random direction (mostly from above and the camera side), colour temperature
+    and strength, casting soft shadows (of one hand on the other, of fingers on the palm); a
+    weaker fill of another temperature; a tinted ambient. 15 % of scenes have
+    hard light (a strong key, little fill and ambient), 10 % a backlight (the key from behind the
+    hands, a rim of light around them). Returns the lights, the ambient RGB, the renderer's
+    ``specular`` / ``shininess`` / ``wrap`` / shadow settings and the record.
+    """
+    kind = rng.choice(["soft", "hard", "back"], p=[0.75, 0.15, 0.10])
+    key_k, fill_k = float(rng.uniform(2700, 6500)), float(rng.uniform(2700, 6500))
+    key_strength = {"soft": rng.uniform(0.55, 0.95), "hard": rng.uniform(1.0, 1.4),
+                    "back": rng.uniform(0.9, 1.4)}[kind]  # fmt: skip
+    fill_strength = rng.uniform(0.05, 0.15) if kind == "hard" else rng.uniform(0.15, 0.4)
+    ambient_strength = rng.uniform(0.05, 0.15) if kind == "hard" else rng.uniform(0.15, 0.35)
+    if kind == "back":
+        ambient_strength += 0.1  # the camera still sees the hands: light bounced off the room
+    lights = [Light(_direction(rng, kind == "back"), tuple(light_colour(key_k)),
+                    float(key_strength)),
+              Light(_direction(rng, False), tuple(light_colour(fill_k)), float(fill_strength))]
+    ambient = light_colour(float(rng.uniform(3500, 6500))) * ambient_strength
+    softness = rng.uniform(0.002, 0.005) if kind == "hard" else rng.uniform(0.005, 0.015)
+    shading = {"specular": float(rng.uniform(0.05, 0.25)),
+               "shininess": float(rng.uniform(10.0, 40.0)),
+               "wrap": float(rng.uniform(0.1, 0.4)),
+               "shadow_softness_m": float(softness)}  # fmt: skip
+    record = {"kind": str(kind), "key_kelvin": round(key_k), "key": round(float(key_strength), 3),
+              "fill": round(float(fill_strength), 3),
+              **{k: round(v, 4) for k, v in shading.items()}}  # fmt: skip
+    shading["shadows"] = True
+    return lights, ambient, shading, record
 
 
 # ------------------------------------------------------------------------------------ backgrounds
@@ -230,3 +382,52 @@ def camera_effects(rgb: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarra
             out = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
             rec["jpeg_quality"] = quality
     return out, rec
+
+
+# ------------------------------------------------------------------------------------ depth
+def depth_rng(seed: int, index: int) -> np.random.Generator:
+    """The depth camera's stream of scene ``index`` of a dataset made with ``seed``."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 0xDE97]))
+
+
+def depth_camera(depth: np.ndarray, K: np.ndarray, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
+    """A rendered metric depth image (``float32 [H, W]`` metres, 0 = nothing) as a consumer
+    active-stereo camera would measure it, and what was drawn.
+
+    In that order: no measurement nearer than the camera's minimum range; disparity quantised to
+    a sub-pixel step (depth steps growing with z²) with Gaussian disparity noise; holes along
+    depth edges (the projector's shadow and mixed pixels), a few small dropout blobs. The
+    baseline, sub-pixel step and noise are drawn per frame from the range of RealSense-like
+    cameras.
+    """
+    z = np.asarray(depth, np.float32)
+    h, w = z.shape
+    f = float(np.asarray(K)[0, 0])
+    baseline = float(rng.uniform(0.04, 0.06))
+    step = float(rng.choice([1 / 8, 1 / 16, 1 / 32]))  # disparity sub-pixel resolution
+    sigma = float(rng.uniform(0.04, 0.12))  # disparity noise, pixels
+    min_z = float(rng.uniform(0.15, 0.28))
+    valid = z > min_z
+    disparity = np.where(valid, f * baseline / np.maximum(z, 1e-6), 0.0).astype(np.float32)
+    disparity += rng.standard_normal(z.shape).astype(np.float32) * sigma
+    disparity = np.round(disparity / step) * step
+    out = np.where(valid & (disparity > 0), f * baseline / np.maximum(disparity, 1e-6), 0.0)
+    # edges: where the depth jumps by more than a few cm, some pixels around the jump are lost
+    jump = float(rng.uniform(0.02, 0.05))
+    gx = np.abs(np.diff(z, axis=1, prepend=z[:, :1]))
+    gy = np.abs(np.diff(z, axis=0, prepend=z[:1]))
+    edges = ((gx > jump) | (gy > jump)).astype(np.uint8)
+    radius = int(rng.integers(1, 4))
+    edges = cv2.dilate(edges, np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)) > 0
+    lost = edges & (rng.random(z.shape) < float(rng.uniform(0.5, 0.9)))
+    blobs = int(rng.integers(0, 6))
+    holes = np.zeros((h, w), np.uint8)
+    for _ in range(blobs):
+        c = (int(rng.integers(w)), int(rng.integers(h)))
+        axes = (int(rng.integers(2, 12)), int(rng.integers(2, 12)))
+        cv2.ellipse(holes, c, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+    out[lost | (holes > 0)] = 0.0
+    record = {"baseline_m": round(baseline, 4), "subpixel": step, "sigma_px": round(sigma, 3),
+              "min_z_m": round(min_z, 3), "edge_radius_px": radius, "blobs": blobs}  # fmt: skip
+    return out.astype(np.float32), record

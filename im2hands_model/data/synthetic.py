@@ -36,11 +36,17 @@ from im2hands_model.data.poses import (
     sample_pose,
     self_intersection_count,
 )
+from im2hands_model.data.realism import CAMERA_DISTANCE_M as REALISM_DISTANCE_M
 from im2hands_model.data.realism import (
+    PHOTO_SHARE,
     PhotoBackgrounds,
+    arm_meshes,
+    body_view,
     camera_effects,
-    forearm_meshes,
+    depth_camera,
+    depth_rng,
     realism_rng,
+    scene_lights,
 )
 from im2hands_model.data.render import (
     Light,
@@ -104,6 +110,7 @@ class SceneGenerator:
         full_frame: bool = False,
         skin_cues: bool = False,
         realism: bool = False,
+        depth_noise: bool = False,
     ) -> None:
         if points_per_hand <= 0 or image_size <= 0:
             raise ValueError("points_per_hand and image_size must be positive")
@@ -114,6 +121,8 @@ class SceneGenerator:
         #: forearms, photo backgrounds and camera effects (:mod:`.realism`; implies skin cues)
         self.realism = bool(realism)
         self.skin_cues = bool(skin_cues) or self.realism
+        #: the full frame's depth as a consumer depth camera measures it (:func:`depth_camera`)
+        self.depth_noise = bool(depth_noise)
         self.backgrounds = PhotoBackgrounds() if self.realism else None
         self.renderer = Renderer(self.image_size, self.image_size)
         self.hand = AnnyHand()
@@ -236,14 +245,21 @@ class SceneGenerator:
 
         # 4. global rotation and camera.
         glob = Rotation.random(random_state=rng).as_matrix()
+        distance = CAMERA_DISTANCE_M
+        rrng = realism_rng(seed, index) if self.realism else None
+        if rrng is not None:  # a person's arms, at the distances of a real camera's hands
+            glob, info["view"] = body_view(rrng, [joints[h] for h in range(2) if present[h]])
+            distance = REALISM_DISTANCE_M
         visible = [verts[h] for h in range(2) if present[h]]
         centre = np.concatenate(visible).mean(0)
-        K_full, t_cam = self._camera(rng, [(v - centre) @ glob.T for v in visible])
+        K_full, t_cam = self._camera(rng, [(v - centre) @ glob.T for v in visible], distance)
         for h in range(2):
             verts[h] = (verts[h] - centre) @ glob.T + t_cam
             joints[h] = (joints[h] - centre) @ glob.T + t_cam
-        rrng = realism_rng(seed, index) if self.realism else None
         arrays = self._images(rng, verts, present, K_full, joints, rrng, info)
+        if self.depth_noise and "depth_full" in arrays:
+            arrays["depth_full"], info["depth_camera"] = depth_camera(
+                arrays["depth_full"], K_full, depth_rng(seed, index))
 
         # 5. occupancy in each hand's normalised box.
         n = self.points_per_hand
@@ -296,17 +312,19 @@ class SceneGenerator:
         return np.linalg.norm(out.joints[:, 12] - out.joints[:, 0], axis=1)
 
     def _camera(
-        self, rng: np.random.Generator, centred: list[np.ndarray]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Full-frame intrinsics and the position of the hands' centre in the camera frame,
-        chosen so every vertex projects inside the full frame."""
+        self, rng: np.random.Generator, centred: list[np.ndarray],
+        distance: tuple[float, float] = CAMERA_DISTANCE_M,
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Full-frame intrinsics and the position of the hands' centre in the camera frame
+        (``distance`` away, further when they do not fit), chosen so every vertex projects
+        inside the full frame."""
         w, h = FULL_FRAME
         f = rng.uniform(480, 720)
         K = np.array(
             [[f, 0, w / 2 + rng.normal(0, 4)], [0, f, h / 2 + rng.normal(0, 4)], [0, 0, 1]]
         )
         pts = np.concatenate(centred)
-        z = rng.uniform(*CAMERA_DISTANCE_M)
+        z = rng.uniform(*distance)
         for _ in range(50):
             # A random image position for the centre, shrunk toward the middle until it fits.
             target = rng.uniform([0.2 * w, 0.2 * h], [0.8 * w, 0.8 * h])
@@ -345,7 +363,8 @@ class SceneGenerator:
         info: dict | None = None,
     ) -> dict[str, np.ndarray]:
         """Render the crop (and optionally the full frame) of the posed hands; with the realism
-        stream ``rrng``, forearms, photo backgrounds and camera effects too (:mod:`.realism`)."""
+        stream ``rrng``, arms, fine skin detail, photo backgrounds, light with shadows and camera
+        effects too (:mod:`.realism`)."""
         size = self.image_size
         visible = np.concatenate([verts[h] for h in range(2) if present[h]])
         centre, side = crop_square(project_points(visible, K_full))
@@ -360,15 +379,20 @@ class SceneGenerator:
                 jitter = vertex_color_jitter(rng, verts[h])
                 if self.skin_cues:
                     jitter = jitter * self._skin_cue_factors(tone)
+                if rrng is not None:  # fine albedo variation: pores, freckles, veins (~8 mm)
+                    jitter = jitter * vertex_color_jitter(rrng, verts[h], 0.04, 0.008)
                 meshes.append((verts[h], self.faces[h], tone, jitter))
                 tones[h] = tone
         record: dict = {}
         if rrng is not None and joints is not None:
             for h in np.flatnonzero(present):
-                arm, record[f"forearm_{h}"] = forearm_meshes(joints[h], rrng, tones[int(h)])
+                arm, record[f"arm_{h}"] = arm_meshes(joints[h], rrng, tones[int(h)])
                 meshes += arm
         lights = self._lights(rng)
         ambient = float(rng.uniform(0.15, 0.4))
+        shading: dict = {}
+        if rrng is not None:
+            lights, ambient, shading, record["light"] = scene_lights(rrng)
         # Render at the resolution the camera really has over the crop, then resample to the
         # crop size: far hands look as soft as they would in a real frame.
         res = int(np.clip(np.ceil(side), 48, size))
@@ -378,10 +402,10 @@ class SceneGenerator:
         # the draw would shift the scene's random stream, and with it the occupancy samples
         bg = random_background(rng, res, res)
         photo = rrng is not None and self.backgrounds is not None and len(self.backgrounds) > 0
-        if photo and rrng.random() < 0.8:
+        if photo and rrng.random() < PHOTO_SHARE:
             bg, record["background_crop"] = self.backgrounds.sample(rrng, res, res)
         crop = self.renderer.render(
-            meshes, K_res, res, res, background=bg, lights=lights, ambient=ambient
+            meshes, K_res, res, res, background=bg, lights=lights, ambient=ambient, **shading
         )
         rgb = crop.rgb
         if res != size:
@@ -392,10 +416,11 @@ class SceneGenerator:
         if self.full_frame:
             w, h = FULL_FRAME
             bg_full = random_background(rng, w, h)
-            if photo and rrng.random() < 0.8:
+            if photo and rrng.random() < PHOTO_SHARE:
                 bg_full, record["background"] = self.backgrounds.sample(rrng, w, h)
             full = self.renderer.render(
                 meshes, K_full, w, h, background=bg_full, lights=lights, ambient=ambient,
+                **shading,
             )  # fmt: skip
             rgb_full = full.rgb
             if rrng is not None:

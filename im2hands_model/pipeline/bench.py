@@ -62,15 +62,18 @@ class BenchFrame:
 
 
 def synthetic_frames(n: int, seed: int = BENCH_SEED, progress: bool = False,
-                     realism: bool = False) -> list[BenchFrame]:  # fmt: skip
+                     realism: bool = False, depth_noise: bool = False
+                     ) -> list[BenchFrame]:  # fmt: skip
     """``n`` rendered two-hand camera frames (640x480) from the synthetic generator
-    (``realism``: with forearms, photo backgrounds and camera effects)."""
+    (``realism``: with arms, photo backgrounds, light and camera effects; ``depth_noise``: the
+    depth a consumer depth camera would measure, :func:`.realism.depth_camera`)."""
     from tqdm import tqdm
 
     from im2hands_model.data.layouts import LAYOUTS
     from im2hands_model.data.synthetic import SceneGenerator
 
-    gen = SceneGenerator(points_per_hand=64, full_frame=True, realism=realism)
+    gen = SceneGenerator(points_per_hand=64, full_frame=True, realism=realism,
+                         depth_noise=depth_noise)
     frames = []
     for i in tqdm(range(n), desc="render frames", unit="frame", disable=not progress):
         a = gen.generate(seed, i).arrays
