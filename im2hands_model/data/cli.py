@@ -3,6 +3,7 @@
 im2hands-data synth --n N --seed S --out DIR [--workers W] [--points-per-hand P]
                     [--image-size S] [--full-frame] [--skin-cues] [--realism] [--shard-size K]
                     [--overwrite]
+im2hands-data detect DIR [--workers W] [--variant full|lite]
 im2hands-data convert-mano MANO_DIR OUT_DIR
 im2hands-data interhand --root IH26M --mano MANO_NPZ_DIR --split train|val|test --out DIR
                         [--max-frames N] [--points-per-hand P] [--image-size S] [--shard-size K]
@@ -71,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
         "trained without)",
     )
     synth.add_argument("--no-contact-sheet", action="store_true", help="skip contact_sheet.png")
+    detect = sub.add_parser(
+        "detect",
+        help="store the default keypoint source's output with each scene (K's real inputs)",
+        description="Run the MediaPipe keypoint source over every scene of a dataset (on the "
+        "full frame when it has one) and store the hands it finds with the scenes "
+        "(src_* keys; im2hands_model/training/detections.py). Resumes an interrupted run.",
+    )
+    detect.add_argument("dir", type=Path, help="a dataset folder (im2hands-data synth --out)")
+    detect.add_argument("--workers", type=_positive("--workers"), default=os.cpu_count() or 1,
+                        help="processes (default: one per core)")
+    detect.add_argument("--variant", choices=("full", "lite"), default="full",
+                        help="MediaPipe model variant")
+    detect.add_argument("--quiet", action="store_true", help="no progress bar")
     mano = sub.add_parser(
         "convert-mano",
         help="convert the official MANO pickles to npz (no chumpy needed)",
@@ -277,11 +291,29 @@ def _interhand(args: argparse.Namespace) -> int:
     return 0
 
 
+def _detect(args: argparse.Namespace) -> int:
+    from im2hands_model.hand_tracking.models import ModelFileError
+    from im2hands_model.hand_tracking.source import DetectorConfig
+    from im2hands_model.training.detections import detect_dataset
+
+    try:
+        record = detect_dataset(args.dir, DetectorConfig(variant=args.variant),
+                                workers=args.workers, progress=not args.quiet)  # fmt: skip
+    except (FileNotFoundError, ModelFileError) as exc:
+        print(f"im2hands-data: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: record[k] for k in ("scenes", "hands", "found", "extra", "found_pct",
+                                              "image")}))  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WARP_LOG_LEVEL", "error")
     args = build_parser().parse_args(argv)
     if args.command == "synth":
         return _synth(args)
+    if args.command == "detect":
+        return _detect(args)
     if args.command == "convert-mano":
         return _convert_mano(args)
     if args.command == "interhand":

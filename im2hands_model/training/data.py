@@ -20,12 +20,15 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from im2hands_model.training.config import INTERHAND_HINT, ConfigError, is_interhand_dataset
 
 
-def build_dataset(cfg: dict, split: str, keys: list[str] | None = None) -> Dataset:
+def build_dataset(cfg: dict, split: str, keys: Sequence[str] | None = None,
+                  optional: Sequence[str] = ()) -> Dataset:  # fmt: skip
     """The dataset of ``split`` (``"train"`` or ``"val"``) that ``cfg['data']`` describes.
 
     ``data.train`` / ``data.val`` is one dataset folder or a list of folders (read as one).
 
-    ``keys`` limits the arrays loaded per item (default: all), e.g. a stage's ``data_keys``.
+    ``keys`` limits the arrays loaded per item (default: all), e.g. a stage's ``data_keys``;
+    ``optional`` keys are loaded too when every folder of the split has them (e.g. stored
+    detections).
 
     Raises:
         ConfigError: an unknown dataset kind, or ``data.dataset=interhand`` with a folder that
@@ -50,6 +53,9 @@ def build_dataset(cfg: dict, split: str, keys: list[str] | None = None) -> Datas
                 )
     from im2hands_model.data.shards import ShardDataset
 
+    if keys:
+        have = [set(ShardDataset(r).index["keys"]) for r in folders]
+        keys = list(keys) + [k for k in optional if all(k in h for h in have)]
     if isinstance(roots, str | PathLike):
         return ShardDataset(roots, keys=list(keys) if keys else None)
     # several folders (e.g. datasets made with different seeds) are read as one, in order

@@ -335,8 +335,9 @@ class _Trainer:
         # data
         nw = int(cfg["data"]["num_workers"])
         keys = getattr(self.stage, "data_keys", None)
-        self.train_set = build_dataset(cfg, "train", keys)
-        self.val_set = build_dataset(cfg, "val", keys)
+        optional = getattr(self.stage, "optional_data_keys", ())
+        self.train_set = build_dataset(cfg, "train", keys, optional)
+        self.val_set = build_dataset(cfg, "val", keys, optional)
         self.sampler = ResumableDistributedBatchSampler(
             len(self.train_set), int(tc["batch_size"]), info.rank, info.world_size, self.seed,
             shuffle=True, drop_last=True,

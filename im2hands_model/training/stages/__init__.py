@@ -25,6 +25,7 @@ Stage protocol::
         @torch.no_grad()
         def visualize(self, model, batch) -> np.ndarray | None # [H, W, 3] uint8
         data_keys: tuple[str, ...] | None   # optional: only load these dataset keys
+        optional_data_keys: tuple[str, ...] # optional: and these, where every folder has them
 
 ``gen`` is a CPU ``torch.Generator`` seeded by the engine from ``(seed, step, rank)``; it must be
 the loss's only source of randomness so that a resumed run repeats the uninterrupted one. Draw

@@ -7,6 +7,13 @@ output on the crop, plus that noise in training: K then learns to correct the er
 predictor actually makes (the cascade the pipeline runs). The predictor is not part of K's
 checkpoint.
 
+On a dataset with the default source's stored output (``im2hands-data detect``,
+:mod:`im2hands_model.training.detections`), ``loss.detection_fraction`` of the scenes start
+from the hands the source found (placed from the image alone, or with depth:
+``loss.detection_placement``), unchanged: K learns the errors a real detector makes. Hands it
+missed, and the other scenes, start from the noisy GT as above, so K stays useful for other
+sources.
+
 Config (besides the engine's keys)::
 
     model:
@@ -24,6 +31,8 @@ Config (besides the engine's keys)::
       abs_weight: 0.5          # weight of the camera-frame error next to the root-relative one
       val_seed: 0              # validation noise: fixed per (val_seed, scene_index)
       predictor_fraction: 1.0  # with a predictor: share of scenes starting from its output
+      detection_fraction: 0.7  # with stored detections: share of scenes starting from them
+      detection_placement: image   # image | depth: which stored placement K starts from
 
     init:
       kpts_pred_checkpoint: null   # a kpts_pred run's best.pt: refine its predictions
@@ -31,7 +40,10 @@ Config (besides the engine's keys)::
 Validation: ``mpjpe_in_mm`` (the noisy input, or the predictor's output) and ``mpjpe_mm`` (K's
 output), both aligned at joint 9 over present hands, and their camera-frame versions
 ``mpjpe_abs_in_mm`` and ``mpjpe_abs_mm``. The noise is drawn per scene from a generator seeded with
-``(val_seed, scene_index)``, so validation is repeatable and independent of batching.
+``(val_seed, scene_index)``, so validation is repeatable and independent of batching. With stored
+detections, those four are over the hands the source found, starting from its output, and
+``noise_mpjpe_in_mm`` / ``noise_mpjpe_mm`` (and ``_abs_``) score K on the noisy GT of every hand:
+K must not make either input worse.
 """
 
 from __future__ import annotations
@@ -61,7 +73,11 @@ DEFAULT_LOSS: dict[str, float] = {
     "abs_weight": 0.5,
     "val_seed": 0,
     "predictor_fraction": 1.0,
+    "detection_fraction": 0.7,
+    "detection_placement": "image",
 }
+#: The stored detection keys K reads (:mod:`im2hands_model.training.detections`).
+DETECTION_INPUTS = {"image": "src_joints_3d", "depth": "src_joints_3d_depth"}
 
 
 def _project(joints: Tensor, K: Tensor) -> Tensor:
@@ -77,6 +93,9 @@ class KptsRefStage:
     name = "kpts_ref"
     best_metric = "mpjpe_mm"
     best_mode = "min"
+    #: what K reads of a scene (the full frame, depth and occupancy samples are left on disk)
+    data_keys = ("image", "K", "joints_3d", "joints_2d", "hand_present", "scene_index")
+    optional_data_keys = ("src_present", "src_joints_3d", "src_joints_3d_depth")
 
     def __init__(self, cfg: dict) -> None:
         self.cfg = cfg
@@ -89,6 +108,12 @@ class KptsRefStage:
         if not 0.0 <= self.predictor_fraction <= 1.0:
             raise ValueError("kpts_ref: loss.predictor_fraction must be in [0, 1]")
         self.val_seed = int(opts["val_seed"])
+        self.detection_fraction = float(opts["detection_fraction"])
+        if not 0.0 <= self.detection_fraction <= 1.0:
+            raise ValueError("kpts_ref: loss.detection_fraction must be in [0, 1]")
+        if opts["detection_placement"] not in DETECTION_INPUTS:
+            raise ValueError("kpts_ref: loss.detection_placement must be 'image' or 'depth'")
+        self.detection_key = DETECTION_INPUTS[opts["detection_placement"]]
         self.augment = augment_options(cfg)
         self.predictor_path = (cfg.get("init") or {}).get("kpts_pred_checkpoint")
         self.predictor: nn.Module | None = None
@@ -103,6 +128,16 @@ class KptsRefStage:
     @torch.no_grad()
     def _predicted(self, batch: dict[str, Tensor]) -> Tensor:
         return self.predictor(batch["image"], batch["K"]).joints.float()
+
+    def _detected(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """``[B, 2]`` hands both present and found by the stored source (None: no detections)."""
+        if self.detection_key not in batch or "src_present" not in batch:
+            return None
+        return batch["src_present"].bool() & batch["hand_present"].bool()
+
+    def _from_detections(self, batch: dict[str, Tensor], start: Tensor, use: Tensor) -> Tensor:
+        """``start`` with the stored detections of the ``use [B, 2]`` hands put in."""
+        return torch.where(use[..., None, None], batch[self.detection_key].to(start), start)
 
     def _refine(self, model: nn.Module, batch: dict[str, Tensor], noisy: Tensor) -> Tensor:
         return model(noisy, batch["hand_present"], image=batch["image"], K=batch["K"])
@@ -119,6 +154,10 @@ class KptsRefStage:
             use = use.to(gt.device)[:, None, None, None]
             start = torch.where(use, self._predicted(batch), gt)
         noisy = add_keypoint_noise(start, present, gen, self.sigma_mm, self.global_mm)
+        detected = self._detected(batch)
+        if detected is not None and self.detection_fraction > 0:
+            scene = torch.rand(gt.shape[0], generator=gen) < self.detection_fraction
+            noisy = self._from_detections(batch, noisy, detected & scene.to(gt.device)[:, None])
         if "image" in batch:
             batch = {**batch, "image": photometric(batch["image"], gen, *self.augment)}
         refined = self._refine(model, batch, noisy)
@@ -164,6 +203,17 @@ class KptsRefStage:
         net = unwrap(model)
         gt, present = batch["joints_3d"], batch["hand_present"]
         noisy = self.validation_input(batch)
+        detected = self._detected(batch)
+        out: dict[str, float] = {}
+        if detected is not None:  # the noisy GT first: K must not make it worse either
+            refined = self._refine(net, batch, noisy)
+            before = joint_metrics(noisy, gt, present)
+            after = joint_metrics(refined, gt, present)
+            out.update(noise_mpjpe_in_mm=before["mpjpe_mm"], noise_mpjpe_mm=after["mpjpe_mm"],
+                       noise_mpjpe_abs_in_mm=before["mpjpe_abs_mm"],
+                       noise_mpjpe_abs_mm=after["mpjpe_abs_mm"])  # fmt: skip
+            noisy = self._from_detections(batch, noisy, detected)
+            present = detected  # the detection metrics: over the hands the source found
         refined = self._refine(net, batch, noisy)
         before = joint_metrics(noisy, gt, present)
         after = joint_metrics(refined, gt, present)
@@ -172,7 +222,8 @@ class KptsRefStage:
             "mpjpe_mm": after["mpjpe_mm"],
             "mpjpe_abs_in_mm": before["mpjpe_abs_mm"],
             "mpjpe_abs_mm": after["mpjpe_abs_mm"],
-            "loss": float(refine_loss(refined, gt, present, self.abs_weight)),
+            "loss": float(refine_loss(refined, gt, batch["hand_present"], self.abs_weight)),
+            **out,
         }
 
     @torch.no_grad()
@@ -181,6 +232,9 @@ class KptsRefStage:
         n = min(4, batch["image"].shape[0])
         sub = {k: v[:n] for k, v in batch.items() if isinstance(v, Tensor)}
         noisy = self.validation_input(sub)
+        detected = self._detected(sub)
+        if detected is not None:
+            noisy = self._from_detections(sub, noisy, detected)
         refined = self._refine(net, sub, noisy)
         present = sub["hand_present"]
         return skeleton_sheet(
