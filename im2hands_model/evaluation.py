@@ -50,8 +50,10 @@ __all__ = [
     "summary_markdown",
 ]
 
-HAND_METRICS: tuple[str, ...] = ("iou", "chamfer_mm", "mpjpe_mm")
-"""Per-hand metrics: IoU in percent, Chamfer-L1 in mm, MPJPE in mm."""
+HAND_METRICS: tuple[str, ...] = ("iou", "iou_j9", "chamfer_mm", "mpjpe_mm")
+"""Per-hand metrics: IoU in percent (in the camera frame, and with the predicted hand moved to
+the GT's joint 9 like Chamfer and MPJPE: its shape without its placement), Chamfer-L1 in mm,
+MPJPE in mm."""
 
 SCENE_METRICS: tuple[str, ...] = ("penetration_cm3", "contact_cm2")
 """Per-scene metrics: penetration volume between the two hands in cm³, and contact area (the
@@ -62,6 +64,7 @@ HAND_RGB: tuple[tuple[int, int, int], ...] = HAND_COLOURS
 
 _COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("iou", "IoU (%)", 1),
+    ("iou_j9", "IoU at j9 (%)", 1),
     ("chamfer_mm", "CD (mm)", 2),
     ("mpjpe_mm", "MPJPE (mm)", 2),
     ("penetration_cm3", "Pen. (cm³)", 3),
@@ -149,7 +152,7 @@ def hand_metrics(
         n_chamfer: surface samples per mesh for Chamfer (paper: 100k).
 
     Returns:
-        ``{"iou": %, "chamfer_mm": mm, "mpjpe_mm": mm}``.
+        ``{"iou": %, "iou_j9": %, "chamfer_mm": mm, "mpjpe_mm": mm}``.
     """
     gj = _joints(gt_joints, "gt_joints")
     pj = None if pred_joints is None else _joints(pred_joints, "pred_joints")
@@ -160,14 +163,19 @@ def hand_metrics(
     gt_occ = inside_mesh(gv, gf, points)
     if pred_mesh is None:
         iou_pct, chamfer = 0.0 if gt_occ.any() else 100.0, math.nan
+        iou_j9 = iou_pct
     else:
         pv, pf = _vf(pred_mesh)
         iou_pct = 100.0 * iou(inside_mesh(pv, pf, points), gt_occ)
         chamfer = chamfer_l1_mm(
             pv, pf, gv, gf, gj if pj is None else pj, gj, n_samples=n_chamfer, seed=chamfer_seed
         )
+        shift = np.zeros(3) if pj is None else gj[9] - pj[9]
+        iou_j9 = iou_pct if not shift.any() else 100.0 * iou(
+            inside_mesh(pv + shift, pf, points), gt_occ)
     mpjpe = math.nan if pj is None else mpjpe_mm(pj, gj)
-    return {"iou": float(iou_pct), "chamfer_mm": float(chamfer), "mpjpe_mm": float(mpjpe)}
+    return {"iou": float(iou_pct), "iou_j9": float(iou_j9), "chamfer_mm": float(chamfer),
+            "mpjpe_mm": float(mpjpe)}  # fmt: skip
 
 
 def scene_penetration_cm3(meshes: Sequence[Any | None], voxel_size: float = 0.001) -> float:

@@ -101,3 +101,45 @@ def test_k_trains_from_the_stored_detections(detected, tmp_path):
     assert val["mpjpe_in_mm"] == pytest.approx(source, rel=1e-4)
     assert {"noise_mpjpe_in_mm", "noise_mpjpe_mm", "noise_mpjpe_abs_mm"} <= set(val)
     assert val["noise_mpjpe_in_mm"] != pytest.approx(val["mpjpe_in_mm"])
+
+
+def test_the_chain_from_the_image_is_evaluated_on_the_stored_detections(detected, tmp_path):
+    """training/evaluate.py meshes on the source's keypoints refined by K: a hand the source
+    missed gets no mesh (IoU 0), and the rows say how many hands were found."""
+    import shutil
+
+    from im2hands_model.training.evaluate import evaluate, parse_args
+
+    root = tmp_path / "ds"
+    shutil.copytree(detected[0], root)
+    stored = root / "shard_00000" / "src_present.npy"
+    missed = np.load(stored)
+    missed[0] = [True, False]  # as if the source had missed the first scene's right hand
+    np.save(stored, missed)
+
+    def run(*extra: str) -> dict:
+        return evaluate(parse_args([
+            "--pretrained", "--networks", "kpts_ref,init_occ", "--data", str(root),
+            "--out", str(tmp_path / "out"), "--scenes", "3", "--resolution", "8",
+            "--upsampling-steps", "1", "--n-iou", "2000", "--n-chamfer", "2000", "--pictures",
+            "0", "--quiet", *extra,
+        ]))  # fmt: skip
+
+    summary = run("--sources", "src+K")
+    present = _load(root, "hand_present")[:3]
+    found = _load(root, "src_present")[:3] & present
+    assert present[0].all() and found.sum() < present.sum()
+    row = summary["variants"]["I on source kpts + K"]
+    assert row["keypoint_source"] == "src+K" and row["n_hands"] == int(present.sum())
+    assert row["hands_found_pct"] == pytest.approx(100.0 * found.sum() / present.sum())
+    assert row["counts"]["mpjpe_mm"] == int(found.sum())  # missed hands have no joints
+    # the scene with a missed hand has no penetration row: it is not a two-hand mesh
+    assert row["n_scenes"] == int(found.all(axis=1).sum())
+    kp = summary["keypoints"]["sources"]
+    assert kp["source kpts"]["n_hands"] == int(found.sum())
+    assert kp["source kpts"]["hands_found_pct"] == pytest.approx(row["hands_found_pct"])
+    assert {"source kpts + K", "noisy kpts + K"} <= set(kp)
+    assert "source kpts + K" in (tmp_path / "out" / "results.md").read_text()
+    with pytest.raises(ValueError, match="not available"):
+        evaluate(parse_args(["--pretrained", "--networks", "init_occ", "--data", str(root),
+                             "--out", str(tmp_path), "--sources", "src+K", "--quiet"]))

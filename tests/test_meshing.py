@@ -283,6 +283,8 @@ def test_hand_metrics_identity_shift_and_scale():
     moved.apply_translation(shift)
     shifted = hand_metrics(moved, gt.vertices, gt.faces, joints + shift, joints, rng, **kw)
     assert 35.0 < shifted["iou"] < 65.0  # overlap 2/3, union 4/3 of the volume -> 50 %
+    assert shifted["iou_j9"] == pytest.approx(100.0)  # its shape, placed at the GT's joint 9
+    assert same["iou_j9"] == same["iou"]
     assert shifted["chamfer_mm"] < 1.0  # mid-joint alignment removes the shift
     assert shifted["mpjpe_mm"] == pytest.approx(0.0, abs=1e-9)
 
@@ -291,7 +293,7 @@ def test_hand_metrics_identity_shift_and_scale():
     assert scaled["chamfer_mm"] > 2.0
 
     missing = hand_metrics(None, gt.vertices, gt.faces, None, joints, rng, **kw)
-    assert missing["iou"] == 0.0 and math.isnan(missing["chamfer_mm"])
+    assert missing["iou"] == 0.0 == missing["iou_j9"] and math.isnan(missing["chamfer_mm"])
     assert math.isnan(missing["mpjpe_mm"])
     with pytest.raises(ValueError, match="non-finite"):
         hand_metrics(gt, gt.vertices, gt.faces, joints * np.nan, joints, rng, **kw)
@@ -359,9 +361,10 @@ def test_metric_table_json_and_markdown_round_trip(tmp_path):
     assert summary_markdown(loaded) == md
     assert table.write_markdown(tmp_path / "metrics.md").read_text() == md
     lines = md.strip().splitlines()
-    assert lines[0].startswith("| Variant | IoU (%) | CD (mm) | MPJPE (mm) | Pen. (cm³)")
-    assert lines[2] == "| I | 75.0 | 2.50 | 1.50 | 0.200 | 2.00 | 2 | 2 |"
-    assert lines[3] == "| R | 45.0 | 1.50 | – | – | – | 2 | 0 |"
+    assert lines[0].startswith(
+        "| Variant | IoU (%) | IoU at j9 (%) | CD (mm) | MPJPE (mm) | Pen. (cm³)")
+    assert lines[2] == "| I | 75.0 | – | 2.50 | 1.50 | 0.200 | 2.00 | 2 | 2 |"
+    assert lines[3] == "| R | 45.0 | – | 1.50 | – | – | – | 2 | 0 |"
     (tmp_path / "bad.json").write_text("[]")
     with pytest.raises(ValueError):
         load_summary(tmp_path / "bad.json")

@@ -13,6 +13,9 @@ with the package (``--pretrained``). Rows: every occupancy network (``HALO`` = k
 ``<occ> on pred. kpts``      the keypoint predictor's output (a ``kpts_pred`` network)
 ``<occ> on pred. kpts + K``  that output refined by K (a ``kpts_ref`` network)
 ``I on noisy kpts [+ K]``    without a predictor but with K: GT + K's validation noise, I only
+``<occ> on source kpts + K`` the chain users run: the default keypoint source's output stored
+                             with the dataset (``im2hands-data detect``) refined by K (without
+                             K: ``on source kpts``)
 
 plus ``GT meshes`` (the ground truth's own penetration and contact area, for reference). Hand
 presence is the ground truth's in every row. I+R samples R's anchors on I's mesh of the same
@@ -21,7 +24,10 @@ keypoints (meshed once per scene and source).
 Outputs in ``--out``: ``results.json`` (``{"variants": {name: {"iou", "chamfer_mm", "mpjpe_mm",
 "penetration_cm3", "contact_cm2", ...}}, "settings": ...}``), ``results.md`` (settings, the
 tables, the picture and ``--notes``) and ``comparison.png`` (input, GT and every variant for a
-few scenes). ``--jobs N`` shares the
+few scenes). ``--sources`` picks the keypoint sources meshed (e.g. ``src+K`` for the chain
+alone). On the source's keypoints a hand is meshed only where the source found it; a missed hand
+scores IoU 0 (Chamfer and MPJPE skip it), and ``hands_found_pct`` says how many were found.
+``--jobs N`` shares the
 scenes among N processes; every scene's random draws depend only on ``--seed`` and its index.
 """
 
@@ -155,6 +161,8 @@ SOURCE_LABELS = {
     "pred+K": "pred. kpts + K",
     "noisy": "noisy kpts",
     "noisy+K": "noisy kpts + K",
+    "src": "source kpts",
+    "src+K": "source kpts + K",
 }
 
 
@@ -162,13 +170,16 @@ class KeypointSources:
     """The keypoints each variant is conditioned on, computed once per scene and source.
 
     ``gt``: the dataset's joints. ``pred``: the keypoint predictor (``kpts_pred``) on the image.
-    ``noisy``: GT + the ``kpts_ref`` validation noise. ``…+K``: that input refined by K. Hand
-    presence is the ground truth's in every source, so all rows score the same hands.
+    ``noisy``: GT + the ``kpts_ref`` validation noise. ``src``: the default keypoint source's
+    output stored with the dataset (``detections``: the digest of its settings; None when the
+    dataset has none). ``…+K``: that input refined by K. Hand presence is the ground truth's,
+    except for ``src`` sources: the hands the source found (:meth:`present`).
     """
 
     def __init__(self, predictor: nn.Module | None, refiner: nn.Module | None,
-                 noise_stage: object | None) -> None:  # fmt: skip
+                 noise_stage: object | None, detections: str | None = None) -> None:  # fmt: skip
         self.predictor, self.refiner, self.noise_stage = predictor, refiner, noise_stage
+        self.detections = detections
         self._cache: dict[str, Tensor] = {}
         self._digests: dict[str, str] = {}  # the networks are fixed: hash their weights once
 
@@ -178,6 +189,8 @@ class KeypointSources:
             keys += ["pred"] + (["pred+K"] if self.refiner is not None else [])
         elif self.refiner is not None and self.noise_stage is not None:
             keys += ["noisy", "noisy+K"]
+        if self.detections is not None:
+            keys += ["src"] + (["src+K"] if self.refiner is not None else [])
         return keys
 
     def scored(self) -> list[str]:
@@ -188,6 +201,13 @@ class KeypointSources:
             keys += ["noisy", "noisy+K"]
         return keys
 
+    @staticmethod
+    def present(source: str, batch: dict[str, Tensor]) -> Tensor:
+        """``[B, 2]`` the hands ``source`` gives keypoints of: the ground truth's, or for the
+        stored source those it found among them."""
+        gt = batch["hand_present"].bool()
+        return gt & batch["src_present"].bool() if source.startswith("src") else gt
+
     def reset(self) -> None:
         self._cache.clear()
 
@@ -196,10 +216,12 @@ class KeypointSources:
         if source == "gt":
             return "gt"
         if source not in self._digests:
-            nets = {"pred": [self.predictor], "noisy": []}[source.removesuffix("+K")]
+            nets = {"pred": [self.predictor], "noisy": [], "src": []}[source.removesuffix("+K")]
             if source.endswith("+K"):
                 nets.append(self.refiner)
             digest = f"{source}:{network_digest(*nets)}"
+            if source.startswith("src"):
+                digest += f":{self.detections}"
             # the slot order is a setting, not a weight: two predictors with the same weights
             # but different orders predict different hands (the default keeps older caches valid)
             order = getattr(self.predictor, "slot_order", "head")
@@ -221,9 +243,12 @@ class KeypointSources:
             return self.predictor(batch["image"], batch["K"]).joints
         if source == "noisy":
             return self.noise_stage.validation_noise(batch)
+        if source == "src":
+            return batch["src_joints_3d"] * self.present(source, batch)[..., None, None]
         if source.endswith("+K"):
             start = self(source[:-2], batch)
-            return self.refiner(start, batch["hand_present"], image=batch["image"], K=batch["K"])
+            return self.refiner(start, self.present(source, batch), image=batch["image"],
+                                K=batch["K"])  # fmt: skip
         raise KeyError(source)
 
 
@@ -283,12 +308,31 @@ def _load_models(args: argparse.Namespace, device: torch.device):
             refiner = model
         elif stage == "kpts_pred":
             predictor = model
-    kpts = KeypointSources(predictor, refiner, noise_stage)
-    variants = build_variants(runs, kpts.available(), args.resolution, args.upsampling_steps,
+    kpts = KeypointSources(predictor, refiner, noise_stage, detections_digest(args.data))
+    sources = kpts.available()
+    if args.sources:
+        unknown = sorted(set(args.sources) - set(sources))
+        if unknown:
+            hint = ("; the source's keypoints need `im2hands-data detect` on the dataset"
+                    if any(u.startswith("src") for u in unknown) else "")  # fmt: skip
+            raise ValueError(f"--sources: {unknown} not available here (there are {sources})"
+                             f"{hint}")  # fmt: skip
+        sources = [x for x in sources if x in args.sources]
+    variants = build_variants(runs, sources, args.resolution, args.upsampling_steps,
                               args.seed, kpts.digest, args.threshold_r)  # fmt: skip
     if not variants:
         raise ValueError("no occupancy checkpoint given (init_occ / ref_occ)")
     return variants, kpts, noise_stage
+
+
+def detections_digest(data: str | Path) -> str | None:
+    """A digest of the stored keypoint source's settings on ``data`` (None: not detected)."""
+    index = ShardDataset(data, keys=["hand_present"]).index
+    record = index.get("detections")
+    if not record or "src_joints_3d" not in index["keys"]:
+        return None
+    settings = {k: record.get(k) for k in ("source", "models", "image", "config")}
+    return f"{zlib.crc32(json.dumps(settings, sort_keys=True).encode()):08x}"
 
 
 _LOADED: dict = {}  # the networks of this process (see _scene_records)
@@ -305,7 +349,8 @@ def _scene_records(
     are always recomputed: no meshing, they are cheap)."""
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    key = (tuple(args.checkpoint), args.pretrained, tuple(args.networks or ()), args.device,
+    key = (tuple(args.checkpoint), args.pretrained, tuple(args.networks or ()),
+           tuple(args.sources or ()), args.device,
            args.resolution, args.upsampling_steps, args.seed, args.noise_mm,
            args.threshold_r)  # fmt: skip
     if _LOADED.get("key") != key:  # once per process, not per chunk of scenes
@@ -322,12 +367,14 @@ def _scene_records(
         gt_meshes = [
             Mesh(item["vertices"][h].numpy(), faces[h]) if present[h] else None for h in range(2)
         ]
-        rec: dict = {"index": i, "layout": int(item["layout"]), "hands": [], "scenes": []}
+        rec: dict = {"index": i, "layout": int(item["layout"]), "hands": [], "scenes": [],
+                     "n_hands": int(present.sum())}  # fmt: skip
         if both:
             rec["scenes"].append(("GT meshes", scene_penetration_cm3(gt_meshes),
                                   scene_contact_cm2(gt_meshes)))  # fmt: skip
         kpts.reset()
         rec["keypoints"] = _keypoint_errors(kpts, batch, present)
+        rec["found"] = {}
         rec["digests"] = _record_digests(variants, kpts, i < args.mesh_scenes)
         if i >= args.mesh_scenes:  # keypoint-only scene (see --keypoint-scenes)
             rec["hands"], rec["scenes"] = [], []
@@ -344,23 +391,26 @@ def _scene_records(
                 continue
             # per scene and row: the sample points of a row do not depend on the other rows
             rng = np.random.default_rng([args.seed, i, zlib.crc32(v.name.encode())])
+            found = kpts.present(v.source, batch)
             with torch.no_grad():
                 joints = kpts(v.source, batch)
                 init_meshes = meshed.get(("I", v.source)) if v.model == "I+R" else None
                 occ = v.occupancy(batch, joints, init_meshes)
-                meshes = mesh_scene(occ, joints[0], batch["hand_present"][0], args.resolution,
+                meshes = mesh_scene(occ, joints[0], found[0], args.resolution,
                                     args.upsampling_steps, v.threshold)  # fmt: skip
             meshed[(v.model, v.source)] = meshes
+            rec["found"][v.name] = (int(found[0].sum()), int(present.sum()))
             for h in range(2):
                 if not present[h]:
                     continue
-                m = hand_metrics(
-                    meshes[h], item["vertices"][h].numpy(), faces[h],
-                    joints[0, h].cpu().numpy(), item["joints_3d"][h].numpy(), rng,
-                    n_iou=args.n_iou, n_chamfer=args.n_chamfer,
+                m = hand_metrics(  # a hand the source missed: no mesh, no joints
+                    meshes[h] if found[0, h] else None, item["vertices"][h].numpy(), faces[h],
+                    joints[0, h].cpu().numpy() if found[0, h] else None,
+                    item["joints_3d"][h].numpy(), rng, n_iou=args.n_iou,
+                    n_chamfer=args.n_chamfer,
                 )  # fmt: skip
                 rec["hands"].append((v.name, m))
-            if both:
+            if both and bool(found[0].all()):
                 rec["scenes"].append((v.name, scene_penetration_cm3(meshes),
                                       scene_contact_cm2(meshes)))  # fmt: skip
         if i in args.picture_scenes:
@@ -430,8 +480,9 @@ def _keypoint_errors(kpts: KeypointSources, batch: dict[str, Tensor], present: T
     gt = batch["joints_3d"][0].double().cpu().numpy()
     for source in kpts.scored():
         joints = kpts(source, batch)[0].double().cpu().numpy()
+        found = kpts.present(source, batch)[0]
         for h in range(2):
-            if present[h]:
+            if found[h]:
                 aligned = float(joint_errors_mm(joints[h], gt[h]).mean())
                 absolute = float(np.linalg.norm(joints[h] - gt[h], axis=-1).mean() * 1000.0)
                 out.append((source, h, aligned, absolute))
@@ -439,19 +490,24 @@ def _keypoint_errors(kpts: KeypointSources, batch: dict[str, Tensor], present: T
 
 
 def keypoint_summary(records: list[dict]) -> dict[str, dict[str, float | int]]:
-    """Per keypoint source: mean MPJPE (aligned at joint 9 and camera frame) over all hands."""
+    """Per keypoint source: mean MPJPE (aligned at joint 9 and camera frame) over the hands it
+    gives (all present hands; the stored source's: those it found, ``hands_found_pct``)."""
     acc: dict[str, list[tuple[float, float]]] = {}
     for rec in records:
         for source, _, aligned, absolute in rec.get("keypoints", []):
             acc.setdefault(source, []).append((aligned, absolute))
-    return {
-        SOURCE_LABELS[src]: {
+    hands = sum(int(rec.get("n_hands", 0)) for rec in records)
+    out: dict[str, dict[str, float | int]] = {}
+    for src, vals in acc.items():
+        out[SOURCE_LABELS[src]] = {
+            "source": src,
             "mpjpe_mm": float(np.mean([a for a, _ in vals])),
             "mpjpe_abs_mm": float(np.mean([b for _, b in vals])),
             "n_hands": len(vals),
         }
-        for src, vals in acc.items()
-    }
+        if src.startswith("src") and hands:
+            out[SOURCE_LABELS[src]]["hands_found_pct"] = 100.0 * len(vals) / hands
+    return out
 
 
 def _cache_settings(args: argparse.Namespace) -> dict:
@@ -587,6 +643,15 @@ def evaluate(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = table.summary()
+    for v in variants:  # the rows' keypoint source and how many of the hands it found
+        entry = summary["variants"].get(v.name)
+        if entry is None:
+            continue
+        entry["keypoint_source"] = v.source
+        counts = [r["found"][v.name] for r in records if v.name in r.get("found", {})]
+        if counts and v.source.startswith("src"):
+            total = sum(t for _, t in counts)
+            entry["hands_found_pct"] = 100.0 * sum(f for f, _ in counts) / max(total, 1)
     summary["interacting"] = {
         "layouts": list(INTERACTING_LAYOUTS),
         **close.summary(),
@@ -599,6 +664,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "checkpoints": [str(p) for p in args.checkpoint],
         "pretrained": None if args.pretrained is None else (args.pretrained or "shipped"),
         "networks": args.networks,
+        "sources": args.sources,
         "resolution": args.resolution,
         "upsampling_steps": args.upsampling_steps,
         "effective_resolution": args.resolution * 2**args.upsampling_steps,
@@ -675,8 +741,10 @@ def results_markdown(summary: dict, notes: str = "") -> str:
             "|---|---:|---:|---:|",
         ]
         for label, row in kp["sources"].items():
+            found = row.get("hands_found_pct")
+            hands = f"{row['n_hands']}" + (f" ({found:.1f} % found)" if found is not None else "")
             lines.append(f"| {label} | {row['mpjpe_mm']:.2f} | {row['mpjpe_abs_mm']:.2f} | "
-                         f"{row['n_hands']} |")  # fmt: skip
+                         f"{hands} |")  # fmt: skip
         if kp.get("note"):
             lines += ["", f"({kp['note']})"]
         lines.append("")
@@ -723,6 +791,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N1,N2",
         help="with --pretrained: only these shipped networks, e.g. init_occ,ref_occ for the I "
         "and I+R rows alone (default: all)",
+    )
+    p.add_argument(
+        "--sources",
+        type=lambda t: t.split(","),
+        default=None,
+        metavar="S1,S2",
+        help="only mesh on these keypoint sources: gt, pred, pred+K, noisy, noisy+K, src, src+K "
+        "(src: the default source's output stored by `im2hands-data detect`; default: all)",
     )
     p.add_argument("--data", required=True, help="held-out dataset folder (im2hands-data synth)")
     p.add_argument("--out", default="results", help="output folder (default: results)")
