@@ -14,6 +14,9 @@
 #   bash training/recipes/default_weights.sh kpts-ref-anneal  # K again, on the annealed predictor
 #   bash training/recipes/default_weights.sh r-pen            # experiment: R, 400x penetration weight
 #   bash training/recipes/default_weights.sh r-threshold      # experiment: I+R's iso-level, 0.45-0.6
+#   bash training/recipes/default_weights.sh real-data        # realistic scenes + the source's output
+#   bash training/recipes/default_weights.sh kpts-ref-real    # K on the default source's real errors
+#   bash training/recipes/default_weights.sh chain            # the chain from the image: docs/chain*
 #
 # Shipped since 2026-11-22: the predictor of kpts-pred-anneal (last.pt, the end of its schedule)
 # and the K of kpts-ref-anneal; HALO, I and R of lane-b. Until then lane-a's predictor and K were
@@ -188,6 +191,41 @@ evaluate)
     --pictures 4 --picture-layouts clasped,crossed,touching --picture-format jpg \
     --picture-variants "HALO,I,I+R,I+R on pred. kpts,I+R on pred. kpts + K" \
     --notes docs/results_notes.md --cache "out/eval_cache/mesh$MESH_SCENES"
+  ;;
+real-data)
+  # realistic renders with the full frame (docs/render_realism.md), and the default keypoint
+  # source's output stored with every scene (im2hands-data detect): K's real inputs; the plain
+  # test scenes (seed 300) again with their full frame, for the chain on today's renders
+  for spec in "val 210 200 512 --realism" "test 310 200 2048 --realism" \
+      "train 110 3000 512 --realism" "test_plain 300 200 2048"; do
+    read -r name seed n points flag <<<"$spec"
+    [[ -f out/real/$name/index.json ]] || im2hands-data synth --n "$n" --seed "$seed" \
+      --out out/real/$name --workers 2 --points-per-hand "$points" --full-frame $flag
+    im2hands-data detect out/real/$name --workers 2
+  done
+  ;;
+kpts-ref-real)
+  # K warm-started from the shipped K, 70 % of its scenes starting from the stored detections
+  # (placed from the image alone), the rest from noisy GT (loss.detection_fraction)
+  OMP_NUM_THREADS=2 python training/train.py --config training/configs/kpts_ref.yaml \
+    --out runs/real/kpts_ref --set data.train=out/real/train data.val=out/real/val \
+    data.num_workers=1 train.device=cpu train.init_weights=im2hands_model/weights/kpts_ref.safetensors \
+    train.batch_size=8 train.lr=3.0e-4 train.max_steps=8000 train.time_limit_min=40 \
+    train.scheduler.warmup_steps=200 train.val_every=500 train.val_batches=25 train.ckpt_every=250
+  ;;
+chain)
+  # the chain from the image (source -> K -> HALO / I / I+R) with the shipped networks, meshes for
+  # the first $CHAIN_SCENES scenes, keypoints for all; then docs/chain.json
+  CHAIN_SCENES=${CHAIN_SCENES:-100}
+  for name in test test_plain; do
+    python training/evaluate.py --pretrained --data out/real/$name --scenes "$CHAIN_SCENES" \
+      --keypoint-scenes 200 --upsampling-steps 2 --jobs 2 --sources gt,src+K \
+      --out docs/chain/$name --pictures 4 --picture-layouts clasped,crossed,touching \
+      --picture-format jpg --picture-variants "I+R,HALO on source kpts + K,I on source kpts + K,I+R on source kpts + K" \
+      --cache out/eval_cache/chain_$name
+  done
+  python training/recipes/chain_summary.py --results docs/chain/test/results.json \
+    --json docs/chain.json
   ;;
 kpts-pred) kpts_pred ;;
 kpts-pred-slots) kpts_pred_slots ;;
