@@ -119,7 +119,7 @@ def test_the_chain_from_the_image_is_evaluated_on_the_stored_detections(detected
 
     def run(*extra: str) -> dict:
         return evaluate(parse_args([
-            "--pretrained", "--networks", "kpts_ref,init_occ", "--data", str(root),
+            "--pretrained", "--networks", "kpts_ref,halo,init_occ,ref_occ", "--data", str(root),
             "--out", str(tmp_path / "out"), "--scenes", "3", "--resolution", "8",
             "--upsampling-steps", "1", "--n-iou", "2000", "--n-chamfer", "2000", "--pictures",
             "0", "--quiet", *extra,
@@ -140,6 +140,15 @@ def test_the_chain_from_the_image_is_evaluated_on_the_stored_detections(detected
     assert kp["source kpts"]["hands_found_pct"] == pytest.approx(row["hands_found_pct"])
     assert {"source kpts + K", "noisy kpts + K"} <= set(kp)
     assert "source kpts + K" in (tmp_path / "out" / "results.md").read_text()
+    # docs/chain.json's figures, read off the same summary
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training" / "recipes"))
+    from chain_summary import chain_figures
+
+    chain = chain_figures(summary)
+    assert chain["i_iou"] == row["iou"] and chain["scenes"] == 3
+    assert chain["source_k_mpjpe_mm"] == kp["source kpts + K"]["mpjpe_mm"]
+    assert chain["hands_found_pct"] == pytest.approx(row["hands_found_pct"])
+    assert {"halo_iou", "ir_iou", "i_pen_cm3", "ir_pen_cm3", "source_mpjpe_mm"} <= set(chain)
     with pytest.raises(ValueError, match="not available"):
         evaluate(parse_args(["--pretrained", "--networks", "init_occ", "--data", str(root),
                              "--out", str(tmp_path), "--sources", "src+K", "--quiet"]))
