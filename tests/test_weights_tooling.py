@@ -385,3 +385,29 @@ def test_export_manifest_and_load_pretrained_round_trip(runs, tiny_dataset_dir, 
         load_pretrained("nope", weights_dir=weights)
     with pytest.raises(WeightsError, match="manifest"):
         load_pretrained("halo", weights_dir=tmp_path / "empty")
+
+
+def test_one_retrained_network_ships_beside_the_kept_ones(runs, tiny_dataset_dir, tmp_path):
+    """Export one network, keep the others: a K warm-started from the shipped file lists that
+    file's rounds before its own, and the other four files and entries stay as they were."""
+    from im2hands_model.pretrained import load_pretrained, manifest
+    from im2hands_model.training.export import main as export_main
+
+    weights = tmp_path / "weights"
+    args = [a for n, r in runs.items() for a in (f"--{n.replace('_', '-')}", str(r / "best.pt"))]
+    assert export_main([*args, "--out", str(weights), "--notes", "first"]) == 0
+    before = manifest(weights)
+    again = tmp_path / "kref2"
+    train(_cfg("kpts_ref", tiny_dataset_dir, again, 3,
+               [f"train.init_weights={weights / 'kpts_ref.safetensors'}"]))  # fmt: skip
+    assert export_main(["--kpts-ref", str(again / "best.pt"), "--out", str(weights)]) == 0
+    after = manifest(weights)
+    for name in ("kpts_pred", "halo", "init_occ", "ref_occ"):
+        assert after["models"][name] == before["models"][name], name
+    rounds = after["models"]["kpts_ref"]["training"]["rounds"]
+    assert rounds[:-1] == before["models"]["kpts_ref"]["training"]["rounds"]
+    assert rounds[-1]["run"] == str(again) and after["notes"] == "first"
+    net = load_pretrained("kpts_ref", weights_dir=weights)  # checksum verified on load
+    assert torch.equal(next(iter(net.state_dict().values())),
+                       next(iter(_state(again / "best.pt").values())))  # fmt: skip
+    assert export_main(["--kpts-ref", str(again / "best.pt"), "--out", str(tmp_path / "none")]) == 2

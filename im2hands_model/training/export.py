@@ -7,6 +7,10 @@ steps of every round (a run warm-started from another lists both), which checkpo
 it came from with that checkpoint's validation value and the round's best,
 the file's size and SHA-256, and the date. ``--results`` adds the held-out test table
 (``training/evaluate.py``'s ``results.json``) to the manifest.
+
+A network not given keeps the file and manifest entry it already has in the weights folder
+(retrain one network, ship it, keep the others); a run warm-started from a shipped
+``.safetensors`` lists that network's earlier rounds before its own.
 """
 
 from __future__ import annotations
@@ -60,9 +64,21 @@ def _val_at(run: Path, step: int, metric: str | None) -> float | None:
     return None
 
 
+def _shipped_rounds(path: Path) -> list[dict[str, Any]]:
+    """The rounds of the shipped network whose file ``path`` is (by checksum), else none."""
+    manifest = path.parent / MANIFEST
+    if not manifest.is_file():
+        return []
+    digest = sha256(path)
+    for entry in json.loads(manifest.read_text()).get("models", {}).values():
+        if entry.get("sha256") == digest:
+            return list(entry.get("training", {}).get("rounds", []))
+    return []
+
+
 def _rounds(ckpt_path: Path) -> list[dict[str, Any]]:
     """The training rounds behind a checkpoint: its own run, preceded by the run it was
-    warm-started from (``train.init_weights``), recursively."""
+    warm-started from (``train.init_weights``: a run, recursively, or a shipped network)."""
     ckpt = load_checkpoint(ckpt_path)
     cfg = ckpt.get("config") or {}
     best = ckpt.get("best") or {}
@@ -83,6 +99,8 @@ def _rounds(ckpt_path: Path) -> list[dict[str, Any]]:
     parent = tc.get("init_weights")
     if parent and Path(parent).suffix == ".pt" and Path(parent).is_file():
         return [*_rounds(Path(parent)), this]
+    if parent and Path(parent).suffix == ".safetensors" and Path(parent).is_file():
+        return [*_shipped_rounds(Path(parent)), this]
     return [this]
 
 
@@ -103,12 +121,12 @@ def export_run(name: str, ckpt_path: Path, out_dir: Path) -> dict[str, Any]:
     config = {"stage": stage, "model": cfg.get("model", {})}
     if stage == "ref_occ":
         config["init"] = {"init_occ_model": cfg.get("init", {}).get("init_occ_model")}
+    rounds = _rounds(ckpt_path)  # before the file is written: it may be the warm start's
     path = out_dir / f"{name}.safetensors"
     # one metadata key: safetensors writes metadata keys in an unspecified order, and the file's
     # checksum (manifest) must not change when the same weights are exported again
     export_safetensors(state, path, metadata={"im2hands": {"name": name, "stage": stage}})
     path.chmod(0o644)  # package data: readable by everyone who installs it
-    rounds = _rounds(ckpt_path)
     return {
         "file": path.name,
         "stage": stage,
@@ -125,18 +143,33 @@ def export_run(name: str, ckpt_path: Path, out_dir: Path) -> dict[str, Any]:
 
 
 def export(runs: dict[str, Path], out_dir: Path, results: Path | None, notes: str) -> dict:
-    """Export every run of ``runs`` (name -> best.pt) and write the manifest; returns it."""
+    """Export every run of ``runs`` (name -> best.pt) and write the manifest; returns it.
+    Networks not in ``runs`` keep their shipped file and entry (module docstring)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    models = {name: export_run(name, Path(p), out_dir) for name, p in runs.items()}
+    old = json.loads((out_dir / MANIFEST).read_text()) if (out_dir / MANIFEST).is_file() else {}
+    kept = {}
+    for name in MODELS:
+        if name in runs:
+            continue
+        entry = old.get("models", {}).get(name)
+        if entry is None or not (out_dir / entry["file"]).is_file():
+            raise ValueError(f"no run given for {name} and {out_dir} ships none to keep")
+        if sha256(out_dir / entry["file"]) != entry["sha256"]:
+            raise ValueError(f"{out_dir / entry['file']} does not match its manifest entry")
+        kept[name] = entry
+    exported = {name: export_run(name, Path(p), out_dir) for name, p in runs.items()}
+    models = {name: exported.get(name) or kept[name] for name in MODELS}
     data: dict[str, Any] = {
         "format": 1,
         "date": _dt.date.today().isoformat(),
         "torch": torch.__version__,
-        "notes": notes,
+        "notes": notes or old.get("notes", ""),
         "models": models,
     }
     if results is not None:
         data["test_results"] = json.loads(Path(results).read_text())
+    elif "test_results" in old:
+        data["test_results"] = old["test_results"]
     text = json.dumps(data, indent=2) + "\n"
     atomic_write(out_dir / MANIFEST, lambda tmp: tmp.write_text(text))
     return data
@@ -149,13 +182,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in MODELS:
         flag = f"--{name.replace('_', '-')}"
         example = f"runs/default/{name}/best.pt"
-        p.add_argument(flag, type=Path, required=True, help=f"the {name} run (e.g. {example})")
+        p.add_argument(flag, type=Path, default=None,
+                       help=f"the {name} run (e.g. {example}; default: keep the shipped one)")
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR, help=f"default: {WEIGHTS_DIR}")
     p.add_argument("--results", type=Path, default=None,
                    help="evaluate.py results.json to record in the manifest")  # fmt: skip
     p.add_argument("--notes", default="", help="free text stored in the manifest")
     args = p.parse_args(argv)
-    runs = {name: getattr(args, name) for name in MODELS}
+    runs = {name: getattr(args, name) for name in MODELS if getattr(args, name) is not None}
+    if not runs:
+        p.error("give at least one run")
     try:
         data = export(runs, args.out, args.results, args.notes)
     except (FileNotFoundError, ValueError) as exc:
