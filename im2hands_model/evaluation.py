@@ -318,15 +318,19 @@ def load_summary(path: str | os.PathLike) -> dict[str, Any]:
 
 def summary_markdown(summary: Mapping[str, Any]) -> str:
     """Markdown table of a summary: IoU in % (1 decimal), CD and MPJPE in mm (2 decimals),
-    penetration in cm³ (3 decimals), hand and scene counts; "–" where a metric is missing."""
-    header = ["Variant", *(title for _, title, _ in _COLUMNS), "Hands", "Scenes"]
+    penetration in cm³ (3 decimals), hand and scene counts; "–" where a metric is missing.
+    The IoU at joint 9 has a column only when some row measured it (tables from before it)."""
+    rows = summary["variants"].values()
+    columns = [c for c in _COLUMNS
+               if c[0] != "iou_j9" or any(e.get("iou_j9") is not None for e in rows)]  # fmt: skip
+    header = ["Variant", *(title for _, title, _ in columns), "Hands", "Scenes"]
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "---|" + "---:|" * (len(header) - 1),
     ]
     for name, entry in summary["variants"].items():
         cells = [str(name)]
-        for key, _, digits in _COLUMNS:
+        for key, _, digits in columns:
             value = entry.get(key)
             cells.append("–" if value is None else f"{value:.{digits}f}")
         cells += [str(entry.get("n_hands", 0)), str(entry.get("n_scenes", 0))]

@@ -361,10 +361,13 @@ def test_metric_table_json_and_markdown_round_trip(tmp_path):
     assert summary_markdown(loaded) == md
     assert table.write_markdown(tmp_path / "metrics.md").read_text() == md
     lines = md.strip().splitlines()
-    assert lines[0].startswith(
-        "| Variant | IoU (%) | IoU at j9 (%) | CD (mm) | MPJPE (mm) | Pen. (cm³)")
-    assert lines[2] == "| I | 75.0 | – | 2.50 | 1.50 | 0.200 | 2.00 | 2 | 2 |"
-    assert lines[3] == "| R | 45.0 | – | 1.50 | – | – | – | 2 | 0 |"
+    assert lines[0].startswith("| Variant | IoU (%) | CD (mm) | MPJPE (mm) | Pen. (cm³)")
+    assert lines[2] == "| I | 75.0 | 2.50 | 1.50 | 0.200 | 2.00 | 2 | 2 |"
+    assert lines[3] == "| R | 45.0 | 1.50 | – | – | – | 2 | 0 |"
+    table.add_hand("R", {"iou": 50.0, "iou_j9": 60.0, "chamfer_mm": 1.0, "mpjpe_mm": 1.0})
+    lines = table.to_markdown().strip().splitlines()  # a row measured it: its column shows
+    assert lines[0].startswith("| Variant | IoU (%) | IoU at j9 (%) | CD (mm) |")
+    assert lines[2].startswith("| I | 75.0 | – | 2.50 |")
     (tmp_path / "bad.json").write_text("[]")
     with pytest.raises(ValueError):
         load_summary(tmp_path / "bad.json")
