@@ -227,6 +227,19 @@ def _rounded(tree: object) -> object:
     return float(f"{tree:.5g}") if isinstance(tree, float) else tree
 
 
+def _assert_close(a: object, b: object, rel: float, where: str = "") -> None:
+    """Equal trees, floats within ``rel`` (meshes of keypoints that differ in their last bits
+    differ a little more: marching cubes moves with them)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_close(a[k], b[k], rel, f"{where}/{k}")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=rel, abs=1e-9), where
+    else:
+        assert a == b, where
+
+
 def test_evaluate_with_predicted_keypoints_and_parallel_jobs(runs, tiny_dataset_dir, tmp_path):
     ckpts = []
     for name in ("kpts_pred", "kpts_ref", "halo", "init_occ", "ref_occ"):
@@ -267,7 +280,9 @@ def test_evaluate_with_predicted_keypoints_and_parallel_jobs(runs, tiny_dataset_
         "I+R on pred. kpts + K",
         "GT meshes",
     ], names
-    assert one["variants"] == two["variants"], "results depend on --jobs"
+    # float32 networks in worker processes (other thread counts) differ in the last bits, so the
+    # predicted-keypoint rows agree to ~1e-5 (MPJPE) and ~1e-4 (Chamfer), not exactly (measured)
+    _assert_close(one["variants"], two["variants"], 1e-3, "results depend on --jobs")
     rows = one["variants"]
     assert rows["I"]["mpjpe_mm"] == 0.0 and rows["I on pred. kpts"]["mpjpe_mm"] > 1.0
     assert rows["GT meshes"]["contact_cm2"] is not None and rows["GT meshes"]["iou"] is None
