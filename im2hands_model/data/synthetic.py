@@ -118,7 +118,8 @@ class SceneGenerator:
         self.image_size = int(image_size)
         self.full_frame = bool(full_frame)
         #: render lighter palms and nails, the cues that tell a palm from the back of a hand
-        #: forearms, photo backgrounds and camera effects (:mod:`.realism`; implies skin cues)
+        #: body-anchored views, arms, photo backgrounds, light with shadows and camera effects
+        #: (:mod:`.realism`; implies skin cues)
         self.realism = bool(realism)
         self.skin_cues = bool(skin_cues) or self.realism
         #: the full frame's depth as a consumer depth camera measures it (:func:`depth_camera`)
@@ -388,7 +389,7 @@ class SceneGenerator:
             for h in np.flatnonzero(present):
                 arm, record[f"arm_{h}"] = arm_meshes(joints[h], rrng, tones[int(h)])
                 meshes += arm
-        lights = self._lights(rng)
+        lights = self._lights(rng)  # drawn with realism too: the stream stays the plain one's
         ambient = float(rng.uniform(0.15, 0.4))
         shading: dict = {}
         if rrng is not None:

@@ -36,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from im2hands_model.data.shards import INDEX_FILE
+from im2hands_model.geometry import project_points
 
 __all__ = ["DETECTION_KEYS", "detect_dataset", "detect_scene"]
 
@@ -43,11 +44,6 @@ __all__ = ["DETECTION_KEYS", "detect_dataset", "detect_scene"]
 DETECTION_KEYS = ("src_present", "src_confidence", "src_joints_3d", "src_joints_3d_depth",
                   "src_joints_2d")  # fmt: skip
 _MARK = "detections.json"  # per shard: the settings it was detected with
-
-
-def _project(joints: np.ndarray, K: np.ndarray) -> np.ndarray:
-    z = np.maximum(joints[..., 2:3], 1e-6)
-    return (joints / z) @ np.asarray(K, np.float64)[:2].T
 
 
 def detect_scene(source: Any, image: np.ndarray, K: np.ndarray, crop_K: np.ndarray,
@@ -60,7 +56,7 @@ def detect_scene(source: Any, image: np.ndarray, K: np.ndarray, crop_K: np.ndarr
     present = alone.present
     uv = np.zeros((2, 21, 2), np.float32)
     for h in np.flatnonzero(present):
-        uv[h] = _project(alone.joints[h], crop_K)
+        uv[h] = project_points(alone.joints[h], crop_K)  # placed joints lie in front (z > 1 cm)
     both = present & placed.present
     return {
         "src_present": present.astype(bool),
@@ -163,7 +159,6 @@ def detect_dataset(root: str | os.PathLike, config: Any = None, workers: int = 1
     bar.close()
     record = {**settings, **totals,
               "found_pct": round(100.0 * totals["found"] / max(totals["hands"], 1), 2)}
-    index = json.loads(index_path.read_text())  # re-read: nothing else changes it meanwhile
     for key in DETECTION_KEYS:
         a = np.load(Path(jobs[0][0]) / f"{key}.npy", mmap_mode="r")
         index["keys"][key] = {"shape": list(a.shape[1:]), "dtype": str(a.dtype)}
