@@ -22,6 +22,7 @@ import pytest
 pytest.importorskip("rclpy")
 pytest.importorskip("cv2")
 
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from geometry_msgs.msg import PoseArray  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 from rclpy.serialization import deserialize_message, serialize_message  # noqa: E402
@@ -276,12 +277,14 @@ def test_node_stops_cleanly_while_reconstructing(tmp_path, sig):
     try:
         with Listener() as L:
             mesh = L.listen("/hands/mesh", MarkerArray, reliable=True)
+            diag = L.listen("/diagnostics", DiagnosticArray)
             image = L.publisher("image", Image, reliable=True, depth=1)
             info = L.publisher("camera_info", CameraInfo, reliable=False, depth=1)
             keypoints = L.publisher("keypoints", PoseArray, reliable=False, depth=1)
             wait_for(lambda: "active: listening" in log.read_text(errors="replace"), 120,
                      "the node to activate", log)  # fmt: skip
-            wait_for(lambda: L.node.count_subscribers("image") > 0, 30, "the node's subscription")
+            L.wait_matched()
+            L.wait_heard(info, conv.camera_info_from_K(frame.K, w, h, Header(frame_id="cam")), diag)
 
             def send() -> None:
                 hdr = Header(stamp=L.node.get_clock().now().to_msg(), frame_id="cam")

@@ -35,7 +35,9 @@ def node(tmp_path_factory):
         L.info = L.publisher("camera_info", CameraInfo, reliable=False, depth=1)
         wait_for(lambda: "active: listening" in log.read_text(errors="replace"), 180,
                  "the node to activate", log)  # fmt: skip
-        wait_for(lambda: L.node.count_subscribers("depth") > 0, 30, "the depth subscription")
+        L.wait_matched()
+        K = np.array([[640.0, 0, 320], [0, 640.0, 240], [0, 0, 1]])
+        L.wait_heard(L.info, conv.camera_info_from_K(K, 640, 480, Header(frame_id="cam")), L.diag)
         L.log = log
         yield L
     assert stop(proc) == 0, log.read_text(errors="replace")[-3000:]
