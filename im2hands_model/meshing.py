@@ -607,6 +607,8 @@ def band_refined_grid(
     head_fn: Callable[[Tensor, Tensor], Tensor],
     coarse: bool = True,
     max_points: int = DEFAULT_MAX_POINTS,
+    near_fn: Callable[[int, Tensor], Tensor] | None = None,
+    out_threshold: float | None = None,
 ) -> tuple[Grid, LevelStats]:
     """A refinement of a MISE grid evaluated only in a band around its surface.
 
@@ -621,6 +623,12 @@ def band_refined_grid(
     the grid's own probability there. Outside the band the result is the grid's inside/outside
     decision (0 or 1), so no spurious surface appears at a different iso-level.
 
+    ``near_fn(hand, box points [K, 3]) -> bool [K]`` limits the refinement to the band cells
+    (of the feature level) where it says True, e.g. near the other hand, which is all that R
+    changes much; the rest of the band keeps the grid's own values shifted by
+    ``out_threshold - threshold``, so its ``out_threshold`` level is the grid's surface there,
+    exactly, and one closed surface runs through both parts.
+
     Returns:
         ``(refined grid of probabilities, statistics of the feature evaluation)``; mesh it with
         :func:`grid_meshes` at the refinement's own threshold.
@@ -631,15 +639,22 @@ def band_refined_grid(
     dev = values.device
     ok_t = torch.tensor(grid.valid, device=dev).view(-1, 1, 1, 1)
     cells = _straddling_cells(values, threshold) & ok_t
-    band = _cell_corners(cells)  # [H, n, n, n]
     use_coarse = coarse and (n - 1) % 2 == 0 and n > 3
+    refined = (values >= threshold).float()
+    if near_fn is not None:
+        if out_threshold is None:
+            raise ValueError("near_fn needs out_threshold, the refinement's iso-level")
+        far = cells & ~_near_cells(cells, near_fn, grid, 2 if use_coarse else 1)
+        cells = cells & ~far
+        kept = _cell_corners(far) & ~_cell_corners(cells)
+        refined[kept] = values[kept] + (out_threshold - threshold)
+    band = _cell_corners(cells)  # [H, n, n, n]
     if use_coarse:
         r = (n - 1) // 2
         need = _cell_corners(cells.view(H, r, 2, r, 2, r, 2).any(6).any(4).any(2))
         nc, spacing = r + 1, 2.0 * grid.spacing
     else:
         need, nc, spacing = band, n, grid.spacing
-    refined = (values >= threshold).float()
 
     # features at the (coarse) band points
     flat_c, pad_c = _padded_rows(need)
@@ -680,6 +695,27 @@ def band_refined_grid(
     counts = [len(f) for f in flat_c]
     stats = LevelStats(-1, nc, counts, rows_c, -(-rows_c // max_points), time.perf_counter() - t0)
     return Grid(refined, band, list(grid.valid), grid.box_half), stats
+
+
+def _near_cells(cells: Tensor, near_fn: Callable[[int, Tensor], Tensor], grid: Grid,
+                group: int) -> Tensor:  # fmt: skip
+    """The cells of ``cells`` ``[H, r, r, r]`` in blocks of ``group`` cells per axis whose centre
+    ``near_fn(hand, box points)`` calls near (one test per block)."""
+    H, r = cells.shape[0], cells.shape[1]
+    g = r // group
+    blocks = cells.view(H, g, group, g, group, g, group).any(6).any(4).any(2) if group > 1 \
+        else cells
+    keep = torch.zeros_like(blocks)
+    step = grid.spacing * group
+    for h in range(H):
+        ijk = blocks[h].nonzero()
+        if len(ijk):
+            centres = (ijk.to(torch.float32) + 0.5) * step - grid.box_half
+            hit = ijk[near_fn(h, centres).to(torch.bool)]
+            keep[h][hit[:, 0], hit[:, 1], hit[:, 2]] = True
+    for dim in (1, 2, 3):
+        keep = keep.repeat_interleave(group, dim)
+    return keep
 
 
 def extract_meshes(

@@ -442,6 +442,46 @@ def test_band_refinement_moves_the_surface_like_a_dense_mesh_of_the_refined_fiel
         assert (evaluated < 0.5 * band) if coarse else (evaluated == band)
 
 
+
+def test_band_refinement_near_a_region_only_keeps_the_grid_surface_elsewhere():
+    """``near_fn``: the refinement (grow the sphere by 1.5 cells, meshed at its own level 0.4)
+    runs where x > centre only; there the surface grows, elsewhere it is the grid's own
+    surface at 0.5 (all of it with nothing near, to the float), one closed mesh through both."""
+    from im2hands_model.meshing import band_refined_grid, grid_meshes, mise_grid
+
+    def features(points):
+        return (points - torch.tensor(SPHERE_C)).norm(dim=-1, keepdim=True)
+
+    def head(feats, probs):
+        return torch.sigmoid(-STEEP * (feats[..., 0] - SPHERE_R - 0.01) + math.log(0.4 / 0.6))
+
+    grid, _ = mise_grid(Recorder((sdf_sphere, sdf_sphere)), 2, 16, 3, dilate_final=False)
+    plain = grid_meshes(grid, 0.5)
+    calls = []
+
+    def right_half(h, points):
+        calls.append(len(points))
+        return points[:, 0] > SPHERE_C[0]
+
+    refined, stats = band_refined_grid(grid, 0.5, features, head, near_fn=right_half,
+                                       out_threshold=0.4)  # fmt: skip
+    everywhere, full_stats = band_refined_grid(grid, 0.5, features, head)
+    assert 0 < stats.points_per_hand[0] < 0.7 * full_stats.points_per_hand[0] and calls
+    for h, mesh in enumerate(grid_meshes(refined, 0.4)):
+        assert trimesh.Trimesh(mesh.vertices, mesh.faces).is_watertight
+        radius = np.linalg.norm(mesh.vertices - np.array(SPHERE_C), axis=1)
+        x = mesh.vertices[:, 0] - SPHERE_C[0]
+        plain_r = np.linalg.norm(plain[h].vertices - np.array(SPHERE_C), axis=1).mean()
+        assert abs(radius[x > 0.02].mean() - SPHERE_R - 0.01) < 0.002  # grown
+        assert abs(radius[x < -0.02].mean() - plain_r) < 0.001  # the grid's own
+    nothing, _ = band_refined_grid(grid, 0.5, features, head, out_threshold=0.4,
+                                   near_fn=lambda h, p: torch.zeros(len(p), dtype=torch.bool))
+    for a, b in zip(grid_meshes(nothing, 0.4), plain, strict=True):
+        np.testing.assert_allclose(a.vertices, b.vertices, atol=1e-5)
+        np.testing.assert_array_equal(a.faces, b.faces)
+    with pytest.raises(ValueError, match="out_threshold"):
+        band_refined_grid(grid, 0.5, features, head, near_fn=right_half)
+
 def test_band_refinement_of_an_empty_grid_is_empty():
     from im2hands_model.meshing import band_refined_grid, grid_meshes, mise_grid
 

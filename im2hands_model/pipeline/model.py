@@ -38,7 +38,7 @@ from im2hands_model.meshing import (
     mise_grid,
     synchronize,
 )
-from im2hands_model.networks.init_occ import SKIP_DISTANCE_M, Shortcuts
+from im2hands_model.networks.init_occ import SKIP_DISTANCE_M, Shortcuts, part_distances
 from im2hands_model.pipeline.contacts import (
     DEFAULT_CONTACT_DISTANCE,
     DEFAULT_VOXEL_SIZE,
@@ -102,6 +102,9 @@ class PipelineConfig:
             from every keypoint of the other (``None``: R always runs). R refines how the two
             hands meet; with a few centimetres between their skeletons (surfaces lie within
             ~1.5 cm of them) it has nothing to separate, and skipping it saves its time.
+        refine_radius_m: the same where the hands do meet, region by region: R runs only on
+            the parts of I's surface within this distance (metres) of the other hand's bones
+            and keeps I's surface elsewhere (``None``: R on the whole surface).
         keep_occupancy: keep the meshes' occupancy grids in the result
             (:attr:`~im2hands_model.pipeline.result.Reconstruction.occupancy`; the video's
             re-posed frames read their contacts off them).
@@ -128,6 +131,7 @@ class PipelineConfig:
     max_pixels: int = MAX_PIXELS
     seed: int = 0
     skip_r_gap_m: float | None = None
+    refine_radius_m: float | None = None
     keep_occupancy: bool = False
 
     def check(self) -> None:
@@ -151,6 +155,8 @@ class PipelineConfig:
             raise ValueError("cull_parts must be None or 1..16")
         if self.skip_r_gap_m is not None and not self.skip_r_gap_m >= 0:
             raise ValueError("skip_r_gap_m must be None or >= 0 (metres)")
+        if self.refine_radius_m is not None and not self.refine_radius_m > 0:
+            raise ValueError("refine_radius_m must be None or > 0 (metres)")
         if self.contact_distance < 0 or not self.voxel_size > 0:
             raise ValueError("contact_distance must be >= 0 and voxel_size > 0")
 
@@ -204,6 +210,19 @@ def _prior_fn(prior: Any, crop: _Crop) -> Any:
         return torch.stack([prior.values(h, cam[h]).to(points_norm) for h in range(2)])
 
     return fn
+
+
+def _near_other_hand(crop: _Crop, radius: float) -> Any:
+    """``near(hand, box points [K, 3]) -> bool [K]``: the points within ``radius`` metres of
+    the other hand's bones (where R runs with ``refine_radius_m``)."""
+    rot, origin, joints = crop.rot, crop.origin, crop.joints[0]
+
+    def near(h: int, points_norm: torch.Tensor) -> torch.Tensor:
+        cam = from_normalized(points_norm[None], rot[h].to(points_norm), origin[h].to(points_norm))
+        dist = part_distances(cam, joints[1 - h][None].to(points_norm))  # [1, 16, K] metres
+        return dist.min(1).values[0] <= radius
+
+    return near
 
 
 class Im2Hands:
@@ -401,9 +420,12 @@ class Im2Hands:
                 and not self._hands_apart(crop.keypoints)):  # fmt: skip
             before = init.seconds
             refined = RefinedField(self.nets["ref_occ"], init, crop.image, meshes, cfg.seed)
+            near = None if cfg.refine_radius_m is None or not crop.keypoints.present.all() \
+                else _near_other_hand(crop, cfg.refine_radius_m)
             grid, _ = band_refined_grid(
-                grid, cfg.threshold_i, refined.features, refined.head, cfg.refine_band_coarse
-            )
+                grid, cfg.threshold_i, refined.features, refined.head, cfg.refine_band_coarse,
+                near_fn=near, out_threshold=cfg.threshold_r,
+            )  # fmt: skip
             threshold = cfg.threshold_r
             meshes = crop.to_camera(grid_meshes(grid, threshold))
             inside_r = init.seconds - before  # I's logits at R's queries: booked under I

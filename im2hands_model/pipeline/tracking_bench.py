@@ -167,7 +167,7 @@ def run_tracking_bench(model: Any, frames: list[tuple[float, BenchFrame]], fps: 
         per_frame.append(row)
     scored = [r for r in per_frame if r["kind"] == "reposed" and "iou_tracked" in r]
     # the full reconstruction with and without its shortcuts, on the same frames, interleaved
-    plain = full_model.configured(skip_r_gap_m=None)
+    plain = full_model.configured(skip_r_gap_m=None, refine_radius_m=None)
     speed: dict[str, list[float]] = {"on": [], "off": [], "iou_on": [], "iou_off": []}
     for i, p in enumerate(tqdm(played[::shortcut_every], desc="shortcuts on/off", unit="frame",
                                disable=not progress)):  # fmt: skip

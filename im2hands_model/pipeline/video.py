@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 REPOSED_MAX_VOXELS = 60_000
 #: The full reconstructions' R is skipped when the hands' skeletons are this far apart (metres).
 SKIP_R_GAP_M = 0.06
+#: Where they meet, R runs only within this distance of the other hand's bones (metres).
+REFINE_RADIUS_M = 0.03
 #: A full reconstruction starts MISE from the previous shape carried to its keypoints when no
 #: finger part turned more than this (degrees) since that shape.
 PRIOR_MAX_TURN_DEG = 30.0
@@ -94,8 +96,9 @@ class VideoReconstruction:
             on a main thread and shares no interpreter lock with the frames, but takes its share
             of the cores from them (which is better depends on the machine: docs/tracking.md).
         shortcuts: the full reconstructions skip R when the hands are apart
-            (``PipelineConfig.skip_r_gap_m`` = :data:`SKIP_R_GAP_M`, unless the model sets it)
-            and start MISE from the previous shape carried to their keypoints
+            (``PipelineConfig.skip_r_gap_m`` = :data:`SKIP_R_GAP_M`, unless the model sets it),
+            run it only near the other hand when they meet (``refine_radius_m`` =
+            :data:`REFINE_RADIUS_M`, likewise) and start MISE from the previous shape carried to their keypoints
             (:func:`carried_occupancy`).
     """
 
@@ -112,8 +115,11 @@ class VideoReconstruction:
         self.model = model
         # the full reconstructions take this frame's keypoints as they are (K already ran)
         gap = cfg.skip_r_gap_m if cfg.skip_r_gap_m is not None or not shortcuts else SKIP_R_GAP_M
+        radius = cfg.refine_radius_m
+        radius = REFINE_RADIUS_M if radius is None and shortcuts else radius
         self.full_model = model.configured(keypoint_source="given", refine_keypoints=False,
-                                           keep_occupancy=True, skip_r_gap_m=gap)  # fmt: skip
+                                           keep_occupancy=True, skip_r_gap_m=gap,
+                                           refine_radius_m=radius)  # fmt: skip
         self.background = background
         self.shortcuts = shortcuts
         self.max_part_turn_deg = float(max_part_turn_deg)
