@@ -98,8 +98,8 @@ class VideoReconstruction:
         shortcuts: the full reconstructions skip R when the hands are apart
             (``PipelineConfig.skip_r_gap_m`` = :data:`SKIP_R_GAP_M`, unless the model sets it),
             run it only near the other hand when they meet (``refine_radius_m`` =
-            :data:`REFINE_RADIUS_M`, likewise) and start MISE from the previous shape carried to their keypoints
-            (:func:`carried_occupancy`).
+            :data:`REFINE_RADIUS_M`, likewise) and start MISE from the previous shape carried
+            to their keypoints (:func:`carried_occupancy`).
     """
 
     def __init__(self, model: Any, background: bool = True,
