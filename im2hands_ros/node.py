@@ -528,7 +528,8 @@ class Im2HandsNode(LifecycleNode):
             pubs[f"{side}_mesh"].publish(conv.mesh_to_msg(hand, header))
         if self._due(self._last_mesh, s.mesh_rate):
             self._last_mesh = time.monotonic()
-            markers = conv.mesh_markers(result, header, previous_present=self._previous_present)
+            markers = conv.serialized_mesh_markers(result, header,
+                                                   previous_present=self._previous_present)
             self._previous_present = conv.mesh_presence(result)
             pubs["mesh"].publish(markers)
         latency_ms = (self._now() - stamp) * 1e3

@@ -392,6 +392,32 @@ def test_contacts_cloud_decodes_back():
     _roundtrip(empty)
 
 
+
+def test_serialized_mesh_markers_are_the_mesh_markers_on_the_wire():
+    """The spliced bytes deserialise to exactly the MarkerArray that mesh_markers builds (both
+    hands, a hand gone with and without its DELETE, no hand, long and odd-length names), and
+    subscribers need nothing but the message type."""
+    header = _header()
+    gone = _reconstruction(right=False)
+    nothing = _reconstruction(left=False, right=False)
+    cases = [(_reconstruction(), {}), (gone, {"previous_present": (True, True)}),
+             (gone, {"previous_present": (True, False)}), (nothing, {}),
+             (_reconstruction(), {"ns": "a_longer_namespace", "alpha": 0.5,
+                                  "colours": ((255, 0, 0), (0, 255, 0))})]  # fmt: skip
+    for frame_id in ("camera_optical", "c", "cam_12345"):
+        header.frame_id = frame_id
+        for rec, kwargs in cases:
+            want = conv.mesh_markers(rec, header, **kwargs)
+            data = conv.serialized_mesh_markers(rec, header, **kwargs)
+            assert isinstance(data, bytes)
+            got = deserialize_message(data, MarkerArray)
+            assert got == want, (frame_id, kwargs)
+    big = trimesh.creation.icosphere(subdivisions=5, radius=0.05)
+    rec = Reconstruction(hands=[_hand("left", big, [0, 0, 0.5]), _hand("right", big, [0, 0, 0.6])],
+                         contacts=ContactReport(contact_distance=0.005), timings_ms={})  # fmt: skip
+    got = deserialize_message(conv.serialized_mesh_markers(rec, header), MarkerArray)
+    assert got == conv.mesh_markers(rec, header) and len(got.markers[1].points) == 61440
+
 def test_timing_60k_vertex_mesh_marker(capsys):
     sphere = trimesh.creation.icosphere(subdivisions=5, radius=0.05)  # 20,480 faces
     rec = Reconstruction(hands=[None, _hand("right", sphere, [0, 0, 0.5])],
@@ -407,13 +433,17 @@ def test_timing_60k_vertex_mesh_marker(capsys):
     t3 = time.perf_counter()
     cloud = conv.mesh_to_msg(rec.hands[1], _header())
     t4 = time.perf_counter()
+    spliced = conv.serialized_mesh_markers(rec, _header())
+    t5 = time.perf_counter()
+    assert len(spliced) == len(data)
     assert arr.markers[1].points == naive
     assert cloud.height == len(sphere.faces)
     with capsys.disabled():
         print(
             f"\n[timing] {len(tri)} triangle-list vertices: mesh_markers {1e3 * (t1 - t0):.1f} ms, "
             f"naive Point list {1e3 * (t2 - t1):.1f} ms, serialize {1e3 * (t3 - t2):.1f} ms "
-            f"({len(data) / 1e6:.2f} MB), mesh_to_msg PointCloud2 {1e3 * (t4 - t3):.1f} ms"
+            f"({len(data) / 1e6:.2f} MB), mesh_to_msg PointCloud2 {1e3 * (t4 - t3):.1f} ms, "
+            f"serialized_mesh_markers {1e3 * (t5 - t4):.1f} ms"
         )
 
 
