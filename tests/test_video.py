@@ -106,8 +106,11 @@ def test_video_reconstructs_then_reposes_in_between(model, sequence):
 
 
 def test_video_waits_when_the_pose_moved_too_far(model, sequence):
+    threads = torch.get_num_threads()
     video = VideoReconstruction(model, background=True, max_part_turn_deg=0.5, worker="process")
     assert video.worker == "process" and video.worker_pid not in (None, os.getpid())
+    # the frames' work here runs on one torch thread beside the worker, until close()
+    assert torch.get_num_threads() == 1
     try:
         stamp, frame = sequence[0]
         first = video(frame.image, frame.K, keypoints=frame.keypoints, stamp=stamp)
@@ -120,6 +123,7 @@ def test_video_waits_when_the_pose_moved_too_far(model, sequence):
         np.testing.assert_allclose(later.hands[1].keypoints, frame.joints[1], atol=1e-6)
     finally:
         video.close()
+    assert torch.get_num_threads() == threads
 
 
 def test_a_failing_full_reconstruction_is_counted_and_the_video_goes_on(model, sequence):

@@ -90,11 +90,14 @@ class VideoReconstruction:
         background: run the full reconstructions on a worker thread (default) or inline.
         max_part_turn_deg: stop re-posing beyond this finger-part rotation since the shape.
         full_every: with ``background=False``, frames between full reconstructions.
-        worker: where the full reconstructions run: ``thread`` (``auto``, the default), or
-            ``process`` (a pipeline from ``Im2Hands.from_pretrained`` only): a second process
-            with its own copy of the networks and one torch thread fewer, where torch runs as
-            on a main thread and shares no interpreter lock with the frames, but takes its share
-            of the cores from them (which is better depends on the machine: docs/tracking.md).
+        worker: where the full reconstructions run: ``process`` (a pipeline from
+            ``Im2Hands.from_pretrained`` only): a second process with its own copy of the
+            networks and one torch thread fewer, where torch runs as on a main thread and shares
+            no interpreter lock with the frames, while this process's per-frame work runs on one
+            torch thread (restored by :meth:`close`): two intra-op threads here beside a busy
+            worker wait on each other's cores and made each frame 3x slower; or ``thread``.
+            ``auto`` (the default): ``process`` where it can, else ``thread``
+            (docs/tracking.md).
         shortcuts: the full reconstructions skip R when the hands are apart
             (``PipelineConfig.skip_r_gap_m`` = :data:`SKIP_R_GAP_M`, unless the model sets it),
             run it only near the other hand when they meet (``refine_radius_m`` =
@@ -124,14 +127,15 @@ class VideoReconstruction:
         self.shortcuts = shortcuts
         self.max_part_turn_deg = float(max_part_turn_deg)
         self.full_every = int(full_every)
-        if worker == "auto":  # the faster on a 2-core CPU (docs/tracking.md)
-            worker = "thread"
+        if worker == "auto":  # the faster on a 2-core CPU too (docs/tracking.md)
+            worker = "process" if model.source is not None and background else "thread"
         if worker == "process" and model.source is None:
             raise ValueError("worker='process' needs a model made by Im2Hands.from_pretrained")
         self.worker = worker if background else "inline"
         self._pool: Any = None
         #: the process id of the reconstruction process (``worker="process"``), else ``None``
         self.worker_pid: int | None = None
+        self._caller_threads: int | None = None  # torch threads here before a process worker
         if self.worker == "thread":
             self._pool = ThreadPoolExecutor(1, "im2hands-full")
         elif self.worker == "process":
@@ -146,6 +150,9 @@ class VideoReconstruction:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool, self.worker = ThreadPoolExecutor(1, "im2hands-full"), "thread"
                 self.worker_pid = None
+            else:  # the frames' small ops on one thread: the worker has the other cores
+                self._caller_threads = torch.get_num_threads()
+                torch.set_num_threads(1)
         self._pending: Future | None = None
         self._shape: _Shape | None = None
         self._since_full = 0
@@ -189,6 +196,12 @@ class VideoReconstruction:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         self._pending = None
+        self._restore_threads()
+
+    def _restore_threads(self) -> None:
+        if self._caller_threads is not None:
+            torch.set_num_threads(self._caller_threads)
+            self._caller_threads = None
 
     def reset(self) -> None:
         """Forget the shape and the tracked hands (the next frame starts a new video)."""
@@ -231,6 +244,7 @@ class VideoReconstruction:
             log.warning("the reconstruction process stopped (%s); continuing on a thread", exc)
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool, self.worker = ThreadPoolExecutor(1, "im2hands-full"), "thread"
+            self._restore_threads()
             self._pending = self._pool.submit(self._full, image, intrinsics, found, stamp,
                                               self._shape)  # fmt: skip
 
