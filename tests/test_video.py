@@ -145,3 +145,35 @@ def test_a_failing_full_reconstruction_is_counted_and_the_video_goes_on(model, s
         assert result.kind == "reposed" and result.hands[0].mesh.is_watertight
     finally:
         video.close()
+
+
+def test_reposed_contacts_read_the_carried_grids_like_the_meshes(model, sequence):
+    """Re-posed frames take which vertices lie inside the other hand from the carried grids
+    (``vertex_sign``) instead of winding numbers on the re-posed meshes: the same contacts up
+    to a few vertices on the boundary, the same penetration volume (same grids)."""
+    from im2hands_model.pipeline.contacts import hand_contacts
+    from im2hands_model.pipeline.frame import Frame
+    from im2hands_model.pipeline.keypoints import given_keypoints
+    from im2hands_model.pipeline.reposing import ReposedOccupancy, repose_mesh
+    from im2hands_model.pipeline.video import _full_reconstruction
+
+    full = model.configured(keep_occupancy=True)
+    _, f0 = sequence[1]
+    found = given_keypoints(f0.keypoints, Frame.from_input(f0.image, f0.K))
+    shape = _full_reconstruction(full, f0.image, f0.K, found, 0.0, None)
+    touched = 0
+    for _, frame in sequence[2:6]:  # the hands touch
+        moved = [repose_mesh(shape.bindings[h], frame.keypoints[h]) for h in range(2)]
+        grids = ReposedOccupancy(shape.result.occupancy, shape.bindings, moved)
+        fast = hand_contacts(moved, 0.003, 0.001, grids, 60_000, vertex_sign=True)
+        plain = hand_contacts(moved, 0.003, 0.001, grids, 60_000)
+        assert fast.penetration_volume_cm3 == plain.penetration_volume_cm3
+        for h in range(2):
+            for got, want in ((fast.penetrating_points[h], plain.penetrating_points[h]),
+                              (fast.touching_points[h], plain.touching_points[h])):
+                a, b = {tuple(p) for p in got}, {tuple(p) for p in want}
+                assert len(a ^ b) <= 0.1 * max(len(b), 1) + 3
+            touched += len(plain.touching_points[h]) + len(plain.penetrating_points[h])
+        area, want = fast.contact_area_cm2, plain.contact_area_cm2
+        assert abs(area - want) <= 0.1 * want + 0.2
+    assert touched > 0

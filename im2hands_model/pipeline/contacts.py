@@ -100,12 +100,20 @@ def _grid_penetration_m3(meshes: Sequence[Any], occ: Any, voxel: float,
     return float(both) * voxel**3
 
 
+def _inside_fn(occupancy: Any, hand: int) -> Any:
+    def inside(points: np.ndarray) -> np.ndarray:
+        return occupancy.inside(hand, points).cpu().numpy()
+
+    return inside
+
+
 def hand_contacts(
     meshes: Sequence[Any | None],
     contact_distance: float = DEFAULT_CONTACT_DISTANCE,
     voxel_size: float = DEFAULT_VOXEL_SIZE,
     occupancy: Any = None,
     max_voxels: int = _MAX_VOXELS,
+    vertex_sign: bool = False,
 ) -> ContactReport:
     """Contacts between ``meshes = [left, right]`` (camera frame, metres; closed).
 
@@ -117,6 +125,9 @@ def hand_contacts(
             :class:`GridOccupancy`, or anything with its ``device`` and ``inside``.
         max_voxels: with ``occupancy``, the voxel edge doubles until the overlap of the hands'
             boxes holds at most this many voxels (a bound on the time).
+        vertex_sign: with ``occupancy``, which vertices lie inside the other hand is read off
+            it too instead of winding numbers (re-posed frames: the carried grids, which the
+            penetration volume reads as well).
 
     Returns:
         :class:`ContactReport`; empty unless both meshes exist.
@@ -129,7 +140,10 @@ def hand_contacts(
     if len(meshes) != 2 or any(m is None for m in meshes):
         return report
     a, b = meshes
-    found = contacts(a, b, contact_distance)
+    inside = None
+    if vertex_sign and occupancy is not None:
+        inside = tuple(_inside_fn(occupancy, h) for h in (0, 1))
+    found = contacts(a, b, contact_distance, inside=inside)
     per_hand = (found.a, found.b)
     report.penetrating_points = [h.penetrating_points for h in per_hand]
     report.depth = [h.depth for h in per_hand]

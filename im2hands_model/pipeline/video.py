@@ -293,7 +293,7 @@ class VideoReconstruction:
         if all(m is not None for m in moved_hands) and shape.result.occupancy is not None:
             grids = ReposedOccupancy(shape.result.occupancy, shape.bindings, moved_hands)
         contacts = hand_contacts(moved_hands, cfg.contact_distance, cfg.voxel_size, grids,
-                                 REPOSED_MAX_VOXELS)  # fmt: skip
+                                 REPOSED_MAX_VOXELS, vertex_sign=True)  # fmt: skip
         timings = {"repose_contacts": (time.perf_counter() - t0) * 1e3}
         full = shape.result
         age = float(stamp - shape.stamp)
