@@ -16,7 +16,8 @@ of their own, the shipped Fast DDS profile):
 
 The report is printed and written to ``<out>/demo_report.json``: ``latency_ms_median``,
 ``latency_ms_p95``, ``pipeline_ms_median`` (the node's own pipeline time), ``frames_in`` /
-``frames_out`` (node), ``iou`` (mean %), ``keypoint_error`` (the node's keypoints against the
+``frames_out`` (node), ``mesh_rate_hz`` (published frames that carried meshes per second),
+``iou`` (mean %), ``keypoint_error`` (the node's keypoints against the
 camera's ground truth: hands found, MPJPE after joint-9 alignment and root error, mm), and
 details.
 """
@@ -238,6 +239,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     num = lambda d, k: float(d[k]) if d.get(k, "n/a") != "n/a" else None  # noqa: E731
     frames_in = int(diag.get("frames_in", 0)) - int(start.get("frames_in", 0))
     frames_out = int(diag.get("frames_out", 0)) - int(start.get("frames_out", 0))
+    delta = lambda k: int(diag.get(k, 0)) - int(start.get(k, 0))  # noqa: E731
+    # published frames that carried meshes (tracked: full or re-posed, not keypoints only)
+    meshed = (delta("meshes_full") + delta("meshes_reposed")) if args.tracked \
+        else frames_out - delta("no_hand")
     complete = recorder.complete_frames()
     print(f"scoring IoU on {min(len(complete), args.iou_frames)} received frames ...")
     scored = _score(complete[-args.iou_frames :], args.iou_points)
@@ -257,6 +262,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else None,
         "input_rate_hz": args.rate,
         "output_rate_hz": frames_out / args.duration,
+        "mesh_rate_hz": meshed / args.duration,
         "measured_s": args.duration,
         "drops": {
             k[len("dropped_") :]: int(v) - int(start.get(k, 0))
@@ -299,6 +305,8 @@ def _print(report: dict[str, Any], out: Path) -> None:
           f"{report['node'].get('resolution')}^3)")  # fmt: skip
     print(f"  frames in / out      {report['frames_in']} / {report['frames_out']} "
           f"({report['output_rate_hz']:.1f} Hz out; drops {report['drops']})")  # fmt: skip
+    print(f"  meshes out           {report['mesh_rate_hz']:.1f} Hz (published frames with "
+          "meshes; the others carried keypoints only or no hand)")
     print(f"  pipeline median      {f(report['pipeline_ms_median'])} ms")
     print(f"  latency median / p95 {f(report['latency_ms_median'])} / "
           f"{f(report['latency_ms_p95'])} ms  (image stamp -> /hands/mesh received; "

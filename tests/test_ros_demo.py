@@ -52,6 +52,10 @@ def test_demo_runs_camera_and_node_and_reports(tmp_path, keypoints):
         assert report[key] is not None, key
     # >= 2: the two saved frames below (a loaded 2-core CPU managed 2 in the 8 s window)
     assert report["frames_in"] > report["frames_out"] >= 2
+    # untracked: every published frame with a hand carries its meshes
+    assert 0 < report["mesh_rate_hz"] <= report["output_rate_hz"]
+    if keypoints == "topic":
+        assert report["mesh_rate_hz"] == report["output_rate_hz"]  # GT hands in every frame
     assert 0 < report["pipeline_ms_median"] <= report["latency_ms_median"]
     assert report["latency_ms_median"] <= report["latency_ms_p95"]
     kp = report["keypoint_error"]
