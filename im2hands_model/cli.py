@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time from one key scene to the next (30 Hz frames)")
     p.add_argument("--seed", type=int, default=4343, help="seed of the key scenes")
     p.add_argument("--worker", default="auto", choices=("auto", "thread", "process"),
-                   help="where the full reconstructions run (auto: thread)")
+                   help="where the full reconstructions run (auto: a second process)")
     p.add_argument("--max-part-turn-deg", type=float, default=None,
                    help="re-posing limit (default: the library's)")
     p.add_argument("--no-camera-process", action="store_true",

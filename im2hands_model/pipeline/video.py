@@ -87,7 +87,8 @@ class VideoReconstruction:
     Args:
         model: an :class:`~im2hands_model.pipeline.model.Im2Hands`; with the MediaPipe source
             its hands are tracked from frame to frame.
-        background: run the full reconstructions on a worker thread (default) or inline.
+        background: run the full reconstructions in the background (default, see ``worker``)
+            or inline.
         max_part_turn_deg: stop re-posing beyond this finger-part rotation since the shape.
         full_every: with ``background=False``, frames between full reconstructions.
         worker: where the full reconstructions run: ``process`` (a pipeline from
