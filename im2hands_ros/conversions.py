@@ -533,7 +533,19 @@ def mesh_markers(
     see :func:`mesh_presence`); the default ``(True, True)`` deletes every absent hand, which is
     always safe.
     """
+    out, _ = _mesh_marker_array(result, header, ns, colours, previous_present, alpha, False)
+    return out
+
+
+def _mesh_marker_array(result: Reconstruction, header: Header, ns: str,
+                       colours: Sequence[Sequence[float]], previous_present: tuple[bool, bool],
+                       alpha: float, stand_in: bool,
+                       ) -> tuple[MarkerArray, list[tuple[np.ndarray, np.ndarray]]]:  # fmt: skip
+    """:func:`mesh_markers`' array and each mesh's ``(stand-in point, triangle-list points)``;
+    with ``stand_in`` the markers hold the stand-in instead of their points
+    (:func:`serialized_mesh_markers` splices the points in after serialising)."""
     out = MarkerArray()
+    points: list[tuple[np.ndarray, np.ndarray]] = []
     for h, hand in enumerate(result.hands):
         arrays = _mesh_arrays(hand)
         if arrays is None:
@@ -541,12 +553,13 @@ def mesh_markers(
                 out.markers.append(_delete(header, ns, h))
             continue
         verts, faces = arrays
+        xyz = verts[faces.reshape(-1)]
         m = _marker(header, ns, h, Marker.TRIANGLE_LIST)
         m.color = _rgba(colours[h], alpha)
-        m.points = points_from_array(verts[faces.reshape(-1)])
+        m.points = points_from_array(_SENTINELS[h][None] if stand_in else xyz)
         out.markers.append(m)
-    return out
-
+        points.append((_SENTINELS[h], xyz))
+    return out, points
 
 
 #: Stand-in points whose serialised bytes :func:`serialized_mesh_markers` finds and replaces
@@ -576,20 +589,7 @@ def serialized_mesh_markers(
     """
     from rclpy.serialization import serialize_message
 
-    out = MarkerArray()
-    points: list[tuple[np.ndarray, np.ndarray]] = []
-    for h, hand in enumerate(result.hands):
-        arrays = _mesh_arrays(hand)
-        if arrays is None:
-            if previous_present[h]:
-                out.markers.append(_delete(header, ns, h))
-            continue
-        verts, faces = arrays
-        m = _marker(header, ns, h, Marker.TRIANGLE_LIST)
-        m.color = _rgba(colours[h], alpha)
-        m.points = points_from_array(_SENTINELS[h][None])
-        out.markers.append(m)
-        points.append((_SENTINELS[h], verts[faces.reshape(-1)]))
+    out, points = _mesh_marker_array(result, header, ns, colours, previous_present, alpha, True)
     data = serialize_message(out)
     if data[1] != 1:  # encapsulation CDR_LE (0x0001); the splice writes little-endian
         raise RuntimeError(f"unexpected CDR encapsulation {data[:2].hex()}")
@@ -605,6 +605,7 @@ def serialized_mesh_markers(
         data = (data[:count] + np.uint32(len(xyz)).astype("<u4").tobytes()
                 + data[count + 4 : at] + body + data[at + 24 :])  # fmt: skip
     return data
+
 
 def mesh_to_msg(hand: HandResult | None, header: Header) -> PointCloud2:
     """A stamped, machine-friendly mesh of one hand: a ``sensor_msgs/PointCloud2`` triangle soup.

@@ -237,9 +237,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     diag = snap["diagnostics"]
     lat = snap["latencies_ms"][skip:]
     num = lambda d, k: float(d[k]) if d.get(k, "n/a") != "n/a" else None  # noqa: E731
-    frames_in = int(diag.get("frames_in", 0)) - int(start.get("frames_in", 0))
-    frames_out = int(diag.get("frames_out", 0)) - int(start.get("frames_out", 0))
     delta = lambda k: int(diag.get(k, 0)) - int(start.get(k, 0))  # noqa: E731
+    frames_in, frames_out = delta("frames_in"), delta("frames_out")
     # published frames that carried meshes (tracked: full or re-posed, not keypoints only)
     meshed = (delta("meshes_full") + delta("meshes_reposed")) if args.tracked \
         else frames_out - delta("no_hand")

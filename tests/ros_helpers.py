@@ -117,12 +117,11 @@ class Listener:
             unmatched = [s.topic_name for s in subs if s.get_publisher_count() == 0]
             return f"publishers {alone} and subscriptions {unmatched} to be matched"
 
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if matched():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {missing()}")
+        try:
+            wait_for(matched, timeout, "matching")
+        except AssertionError:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {missing()}") \
+                from None
 
     def wait_heard(self, info_pub: Any, info_msg: Any, diagnostics: list, timeout: float = 60.0,
                    settle: float = 1.0) -> None:  # fmt: skip
