@@ -8,7 +8,8 @@ It listens to what the node publishes and to the synthetic camera's ground truth
   60k ``geometry_msgs/Point`` objects per frame would cost the recorder ~100 ms of CPU that the
   node, on the same cores, needs more;
 * the per-hand meshes (``hands/{left,right}/mesh``) and ground-truth meshes and keypoints of the
-  same stamps, for PLY files and IoU afterwards;
+  same stamps, for PLY files and IoU afterwards; all kept as messages and decoded only for the
+  frames that are scored (merging the corners of every arriving mesh took most of a core);
 * the overlays (``hands/debug_image``) and the node's latest ``/diagnostics`` values.
 """
 
@@ -63,7 +64,10 @@ class FrameRecord:
 
     stamp: tuple[int, int]
     mesh_arrival_ns: int | None = None
+    #: the node's meshes per side, decoded by :meth:`Recorder.complete_frames`
     meshes: dict[str, tuple[np.ndarray, np.ndarray] | None] = field(default_factory=dict)
+    #: the node's mesh clouds as they arrived (decoding every one cost the recorder most of a core)
+    mesh_msgs: dict[str, PointCloud2] = field(default_factory=dict)
     gt_meshes: dict[str, tuple[np.ndarray, np.ndarray] | None] = field(default_factory=dict)
     gt_keypoints: np.ndarray | None = None
     #: the node's keypoints per side (``[21, 3]``; ``None`` for a hand it did not find)
@@ -135,7 +139,7 @@ class Recorder:
             if ground_truth:  # every camera frame: decoded later, only for frames with output
                 self._ground_truth(stamp)["meshes"][side] = msg
             else:
-                self._record(stamp).meshes[side] = conv.mesh_from_msg(msg)
+                self._record(stamp).mesh_msgs[side] = msg
 
     def _on_kp(self, msg: PoseArray, side: str) -> None:
         xyz = np.array([[p.position.x, p.position.y, p.position.z] for p in msg.poses])
@@ -166,11 +170,13 @@ class Recorder:
             for rec in self.frames.values():
                 gt = self._gt.get(rec.stamp)
                 if (
-                    len(rec.meshes) == 2
+                    len(rec.mesh_msgs) == 2
                     and gt
                     and len(gt["meshes"]) == 2
                     and gt["keypoints"] is not None
                 ):
+                    if not rec.meshes:
+                        rec.meshes = {k: conv.mesh_from_msg(m) for k, m in rec.mesh_msgs.items()}
                     rec.gt_meshes = {k: conv.mesh_from_msg(m) for k, m in gt["meshes"].items()}
                     rec.gt_keypoints = gt["keypoints"]
                     out.append(rec)

@@ -147,6 +147,31 @@ def test_a_failing_full_reconstruction_is_counted_and_the_video_goes_on(model, s
         video.close()
 
 
+def test_penetration_box_holds_the_whole_overlap(model, sequence):
+    """The penetration volume voxelises only the box around the vertices inside the other hand:
+    on touching frames it is the volume of the whole overlap of the hands' boxes, at a fraction
+    of the voxels."""
+    from im2hands_model.pipeline.contacts import _grid_penetration_m3, hand_contacts
+    from im2hands_model.pipeline.frame import Frame
+    from im2hands_model.pipeline.keypoints import given_keypoints
+    from im2hands_model.pipeline.reposing import ReposedOccupancy, repose_mesh
+    from im2hands_model.pipeline.video import _full_reconstruction
+
+    full = model.configured(keep_occupancy=True)
+    _, f0 = sequence[1]
+    found = given_keypoints(f0.keypoints, Frame.from_input(f0.image, f0.K))
+    shape = _full_reconstruction(full, f0.image, f0.K, found, 0.0, None)
+    checked = 0
+    for _, frame in sequence[2:6]:  # the hands touch
+        moved = [repose_mesh(shape.bindings[h], frame.keypoints[h]) for h in range(2)]
+        grids = ReposedOccupancy(shape.result.occupancy, shape.bindings, moved)
+        report = hand_contacts(moved, 0.003, 0.002, grids, 10**7, vertex_sign=True)
+        whole = _grid_penetration_m3(moved, grids, 0.002, 10**7) * 1e6
+        assert report.penetration_volume_cm3 == pytest.approx(whole, rel=0.05, abs=0.01)
+        checked += whole > 0.05
+    assert checked >= 1, "no frame of the sequence overlaps: the check tested nothing"
+
+
 def test_reposed_contacts_read_the_carried_grids_like_the_meshes(model, sequence):
     """Re-posed frames take which vertices lie inside the other hand from the carried grids
     (``vertex_sign``) instead of winding numbers on the re-posed meshes: the same contacts up
@@ -167,7 +192,9 @@ def test_reposed_contacts_read_the_carried_grids_like_the_meshes(model, sequence
         grids = ReposedOccupancy(shape.result.occupancy, shape.bindings, moved)
         fast = hand_contacts(moved, 0.003, 0.001, grids, 60_000, vertex_sign=True)
         plain = hand_contacts(moved, 0.003, 0.001, grids, 60_000)
-        assert fast.penetration_volume_cm3 == plain.penetration_volume_cm3
+        # the voxelised box follows the penetrating vertices, which differ by a few
+        assert fast.penetration_volume_cm3 == pytest.approx(plain.penetration_volume_cm3,
+                                                            rel=0.1, abs=0.02)  # fmt: skip
         for h in range(2):
             for got, want in ((fast.penetrating_points[h], plain.penetrating_points[h]),
                               (fast.touching_points[h], plain.touching_points[h])):
