@@ -682,13 +682,36 @@ def _near_signed_distance(
     ins = np.asarray(inside(q), dtype=bool).reshape(-1)
     tri = vertices[faces]
     edge = float(np.linalg.norm(tri - np.roll(tri, 1, axis=1), axis=-1).max())
-    d, _ = cKDTree(vertices).query(q, distance_upper_bound=reach + edge)
+    tree = cKDTree(vertices)
+    d, _ = tree.query(q, distance_upper_bound=reach + edge)
     keep = ins | np.isfinite(d)
     if keep.any():
-        sq, _, _ = igl.point_mesh_squared_distance(q[keep], vertices, faces)
-        dist = np.sqrt(np.maximum(np.asarray(sq, dtype=np.float64), 0.0))
+        dist = _local_surface_distance(q[keep], vertices, faces, tree, edge)
         out[near[keep]] = np.where(ins[keep], -dist, dist)
     return out
+
+
+def _local_surface_distance(
+    points: NDArray[np.float64],
+    vertices: NDArray[np.float64],
+    faces: NDArray[np.int64],
+    tree: cKDTree,
+    edge: float,
+) -> NDArray[np.float64]:
+    """Exact point-to-mesh distances, computed on the faces that can hold a nearest point.
+
+    A point's nearest surface point lies no farther than its nearest vertex (distance ``r``), and
+    the triangle holding it has its corners within ``r + edge`` of the point; only faces with a
+    corner that close to some point are handed to igl, whose tree over the whole mesh would
+    otherwise cost more than the queries (contacts touch a small part of a hand).
+    """
+    r, _ = tree.query(points)
+    reach = float(r.max()) + edge
+    near_point, _ = cKDTree(points).query(vertices, distance_upper_bound=reach)
+    close = np.isfinite(near_point)
+    local = faces[close[faces].any(axis=1)]
+    sq, _, _ = igl.point_mesh_squared_distance(points, vertices, local)
+    return np.sqrt(np.maximum(np.asarray(sq, dtype=np.float64), 0.0))
 
 
 @dataclass(frozen=True)

@@ -56,9 +56,10 @@ __all__ = ["PRIOR_MAX_TURN_DEG", "SKIP_R_GAP_M", "VideoReconstruction", "carried
 
 log = logging.getLogger(__name__)
 
-#: Penetration-volume voxels of a re-posed frame at most (the voxel edge grows beyond): each
-#: costs a nearest-vertex query, and a re-posed frame must stay within the camera period.
-REPOSED_MAX_VOXELS = 60_000
+#: Penetration-volume voxels of a re-posed frame at most (the voxel edge grows beyond; the
+#: volume stays close to 1 mm voxels', docs/tracking.md): each costs a nearest-vertex query, and
+#: a re-posed frame must stay within the camera period.
+REPOSED_MAX_VOXELS = 20_000
 #: The full reconstructions' R is skipped when the hands' skeletons are this far apart (metres).
 SKIP_R_GAP_M = 0.06
 #: Where they meet, R runs only within this distance of the other hand's bones (metres).
