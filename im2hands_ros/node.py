@@ -525,7 +525,7 @@ class Im2HandsNode(LifecycleNode):
         for h, side in enumerate(("left", "right")):
             hand = result.hands[h]
             pubs[f"{side}_keypoints"].publish(conv.keypoints_pose_array(hand, header))
-            pubs[f"{side}_mesh"].publish(conv.mesh_to_msg(hand, header))
+            pubs[f"{side}_mesh"].publish(conv.serialized_mesh_cloud(hand, header))
         if self._due(self._last_mesh, s.mesh_rate):
             self._last_mesh = time.monotonic()
             markers = conv.serialized_mesh_markers(result, header,

@@ -313,6 +313,25 @@ def test_mesh_to_msg():
     _roundtrip(empty)
 
 
+def test_serialized_mesh_cloud_is_mesh_to_msg_on_the_wire():
+    """The spliced cloud is what rclpy writes for mesh_to_msg (same length, same message; CDR's
+    padding bytes are not defined): a hand, no hand, frame ids of every length modulo 4, and a
+    mesh with a non-finite corner (is_dense false)."""
+    rec = _reconstruction()
+    broken = rec.hands[0].mesh.copy()
+    broken.vertices[0] = np.nan
+    header = _header()
+    for frame_id in ("", "c", "ca", "cam", "camera_optical"):
+        header.frame_id = frame_id
+        for hand in (rec.hands[1], None, _hand("left", broken, [0, 0, 0.5])):
+            data = conv.serialized_mesh_cloud(hand, header)
+            want = conv.mesh_to_msg(hand, header)
+            assert len(data) == len(serialize_message(want)), frame_id
+            assert deserialize_message(data, PointCloud2) == want, frame_id
+    got = deserialize_message(data, PointCloud2)
+    assert not got.is_dense and got.height == len(broken.faces)
+
+
 def test_keypoint_markers_and_pose_array():
     rec = _reconstruction(left=False)
     arr = conv.keypoint_markers(rec, _header())

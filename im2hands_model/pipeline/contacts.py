@@ -81,9 +81,8 @@ def vertex_areas(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """``[V]`` area owned by each vertex: a third of each incident triangle's area."""
     tri = np.asarray(vertices, dtype=np.float64)[faces]
     area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
-    out = np.zeros(len(vertices))
-    np.add.at(out, np.asarray(faces).reshape(-1), np.repeat(area / 3.0, 3))
-    return out
+    return np.bincount(np.asarray(faces).reshape(-1), weights=np.repeat(area / 3.0, 3),
+                       minlength=len(vertices)).astype(np.float64)  # fmt: skip
 
 
 def _longest_edge(mesh: Any) -> float:
