@@ -14,7 +14,7 @@ from scipy.spatial.transform import Rotation
 
 from im2hands_model.evaluation import hand_metrics
 from im2hands_model.pipeline.model import Im2Hands
-from im2hands_model.pipeline.reposing import bind_mesh, repose_mesh
+from im2hands_model.pipeline.reposing import bind_mesh, repose_mesh, repose_meshes
 from im2hands_model.pipeline.tracking_bench import sequence_frames
 from im2hands_model.pipeline.video import VideoReconstruction
 
@@ -65,6 +65,19 @@ def test_reposing_to_the_same_or_a_rigidly_moved_pose_is_exact(sequence):
         assert moved.part_turn_deg < 1e-3
     with pytest.raises(ValueError, match="non-finite or degenerate"):
         repose_mesh(binding, np.full((21, 3), np.nan))
+
+
+def test_both_hands_reposed_at_once_are_each_reposed_alone(sequence):
+    first, later = sequence[0][1], sequence[5][1]
+    bindings = [bind_mesh(first.vertices[h], first.faces[h], first.joints[h], h == 0)
+                for h in (0, 1)]  # fmt: skip
+    both = repose_meshes(bindings, [later.joints[0], later.joints[1]])
+    for h in (0, 1):
+        alone = repose_mesh(bindings[h], later.joints[h])
+        np.testing.assert_allclose(both[h].vertices, alone.vertices, atol=1e-6)
+        assert both[h].part_turn_deg == pytest.approx(alone.part_turn_deg)
+    with pytest.raises(ValueError, match="non-finite or degenerate"):
+        repose_meshes(bindings, [later.joints[0], np.full((21, 3), np.nan)])
 
 
 def test_reposed_ground_truth_follows_the_fingers_and_stays_watertight(sequence):

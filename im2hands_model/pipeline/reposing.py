@@ -19,7 +19,8 @@ and the caller should wait for a new reconstruction.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from im2hands_model.hands import from_normalized, mirror_normalized
 from im2hands_model.networks.init_occ import part_distances
 
 __all__ = ["BLEND_SCALE", "MAX_PART_TURN_DEG", "MeshBinding", "Reposed", "ReposedOccupancy",
-           "bind_mesh", "repose_mesh"]  # fmt: skip
+           "bind_mesh", "repose_mesh", "repose_meshes"]  # fmt: skip
 
 #: Softness of the part weights (normalised units, 0.4 m each, so 1 mm): a vertex 1 mm nearer to
 #: one bone than to another takes 73 % of its position from it; 5 mm nearer, over 99 %.
@@ -121,7 +122,35 @@ def repose_mesh(binding: MeshBinding, joints: np.ndarray) -> Reposed:
     Raises:
         ValueError: ``joints`` is not ``[21, 3]``, or non-finite / degenerate.
     """
-    pose = _pose(joints, binding.is_left)
+    return repose_meshes([binding], [joints])[0]
+
+
+def repose_meshes(bindings: Sequence[MeshBinding], joints: Sequence[np.ndarray]) -> list[Reposed]:
+    """:func:`repose_mesh` for several meshes (a frame's two hands) with one canonicalisation:
+    its cost is per call far more than per hand (many small tensor operations).
+
+    Raises:
+        ValueError: a ``joints`` is not ``[21, 3]``, or non-finite / degenerate.
+    """
+    if len(bindings) != len(joints):
+        raise ValueError(f"{len(bindings)} bindings but {len(joints)} keypoint sets")
+    if not bindings:
+        return []
+    j = [torch.as_tensor(np.asarray(k, dtype=np.float64)) for k in joints]
+    for k in j:
+        if k.shape != (21, 3):
+            raise ValueError(f"keypoints must be [21, 3], got {tuple(k.shape)}")
+    poses = canonicalize(torch.stack(j), torch.tensor([b.is_left for b in bindings]))
+    if not bool(poses.valid.all()):
+        raise ValueError("these keypoints are non-finite or degenerate: nothing to re-pose to")
+    return [_repose(b, _one(poses, i)) for i, b in enumerate(bindings)]
+
+
+def _one(poses: HandPose, i: int) -> HandPose:
+    return HandPose(*(getattr(poses, f.name)[i : i + 1] for f in fields(HandPose)))
+
+
+def _repose(binding: MeshBinding, pose: HandPose) -> Reposed:
     rot = pose.transforms[0, :, :3, :3]  # [16, 3, 3]
     trans = pose.transforms[0, :, :3, 3]  # [16, 3]
     # each part's copy back to normalised space: R^T (c - t)

@@ -42,7 +42,7 @@ from im2hands_model.pipeline.reposing import (
     Reposed,
     ReposedOccupancy,
     bind_mesh,
-    repose_mesh,
+    repose_meshes,
 )
 from im2hands_model.pipeline.result import (
     HAND_NAMES,
@@ -275,13 +275,13 @@ class VideoReconstruction:
             return None, "waiting for the first full reconstruction"
         hands: list[HandResult | None] = [None, None]
         moved_hands: list[Reposed | None] = [None, None]  # meshes for the contacts, too
-        for h in range(2):
-            if not found.present[h]:
-                continue
-            binding = shape.bindings[h]
-            if binding is None:
+        present = [h for h in range(2) if found.present[h]]
+        for h in present:
+            if shape.bindings[h] is None:
                 return None, f"the {HAND_NAMES[h]} hand is new: waiting for its reconstruction"
-            moved = repose_mesh(binding, found.joints[h])
+        reposed = repose_meshes([shape.bindings[h] for h in present],
+                                [found.joints[h] for h in present])  # fmt: skip
+        for h, moved in zip(present, reposed, strict=True):
             if moved.part_turn_deg > self.max_part_turn_deg:
                 turn = f"{moved.part_turn_deg:.0f} deg"
                 return None, f"the {HAND_NAMES[h]} hand's pose moved {turn} since its shape"
@@ -328,7 +328,7 @@ def carried_occupancy(shape: _Shape | None, found: Keypoints) -> ReposedOccupanc
         return None
     if any(b is None for b in shape.bindings):
         return None
-    moved = [repose_mesh(shape.bindings[h], found.joints[h]) for h in range(2)]
+    moved = repose_meshes(shape.bindings, [found.joints[h] for h in range(2)])
     if max(m.part_turn_deg for m in moved) > PRIOR_MAX_TURN_DEG:
         return None
     return ReposedOccupancy(shape.result.occupancy, shape.bindings, moved)
