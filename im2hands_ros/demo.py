@@ -17,7 +17,8 @@ of their own, the shipped Fast DDS profile):
 The report is printed and written to ``<out>/demo_report.json``: ``latency_ms_median``,
 ``latency_ms_p95``, ``pipeline_ms_median`` (the node's own pipeline time), ``frames_in`` /
 ``frames_out`` (node), ``mesh_rate_hz`` (published frames that carried meshes per second),
-``iou`` (mean %), ``keypoint_error`` (the node's keypoints against the
+``iou`` (mean % over the last scored frames; a tracked node's keypoint-only frames carry no
+mesh and are not scored), ``keypoint_error`` (the node's keypoints against the
 camera's ground truth: hands found, MPJPE after joint-9 alignment and root error, mm), and
 details.
 """
@@ -243,8 +244,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     meshed = (delta("meshes_full") + delta("meshes_reposed")) if args.tracked \
         else frames_out - delta("no_hand")
     complete = recorder.complete_frames()
-    print(f"scoring IoU on {min(len(complete), args.iou_frames)} received frames ...")
-    scored = _score(complete[-args.iou_frames :], args.iou_points)
+    # a tracked node's keypoint-only frames (re-posing paused until the next full shape) carry
+    # no mesh to score: they count in output_rate_hz, not in mesh_rate_hz or the IoU
+    to_score = ([r for r in complete if any(m is not None for m in r.meshes.values())]
+                if args.tracked else complete)  # fmt: skip
+    print(f"scoring IoU on {min(len(to_score), args.iou_frames)} received frames ...")
+    scored = _score(to_score[-args.iou_frames :], args.iou_points)
     written = _save(complete, frames_dir, args.save)
     pipeline_median = num(diag, "pipeline_ms_median")
     lat_median = _percentile(lat, 50)
