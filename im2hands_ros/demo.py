@@ -146,6 +146,23 @@ def _keypoint_error(frames: list[Any]) -> dict[str, Any]:
             "mpjpe_aligned_mm": mean(aligned), "root_error_mm": mean(root), "hands": total}
 
 
+def _children(pid: int) -> list[int]:
+    """Process ids of ``pid``'s children (Linux ``/proc``; none where it cannot be read)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _cpu_sum(pids: list[int]) -> float | None:
+    """CPU seconds of ``pids`` together (``None`` for no process)."""
+    times = [cpu_seconds(p) for p in pids]
+    return sum(t for t in times if t is not None) if pids else None
+
+
 def _save(frames: list[Any], out: Path, n: int) -> list[str]:
     """PLY meshes of the first ``n`` recorded frames with meshes, overlays of those with one,
     and a strip of the overlays (``overview.png``)."""
@@ -217,7 +234,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             executor.spin_once(timeout_sec=0.05)
         skip = len(recorder.latencies_ms)
         start = recorder.snapshot()["diagnostics"]
-        cpu0 = [cpu_seconds(procs[0].pid), cpu_seconds(procs[1].pid), cpu_seconds()]
+        workers = _children(procs[0].pid)  # the node's reconstruction process, when tracked
+        cpu0 = [cpu_seconds(procs[0].pid), _cpu_sum(workers), cpu_seconds(procs[1].pid),
+                cpu_seconds()]  # fmt: skip
         print(f"measuring for {args.duration:.0f} s at {args.rate:g} Hz ...")
         t_end = time.monotonic() + args.duration
         while time.monotonic() < t_end:
@@ -225,7 +244,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for p in procs:
                 if p.poll() is not None:
                     raise RuntimeError(f"{p.args[0]} exited with {p.returncode}")
-        cpu1 = [cpu_seconds(procs[0].pid), cpu_seconds(procs[1].pid), cpu_seconds()]
+        cpu1 = [cpu_seconds(procs[0].pid), _cpu_sum(workers), cpu_seconds(procs[1].pid),
+                cpu_seconds()]  # fmt: skip
         t_end = time.monotonic() + 1.5  # the last diagnostics
         while time.monotonic() < t_end:
             executor.spin_once(timeout_sec=0.05)
@@ -275,7 +295,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },  # fmt: skip
         "cpu_percent": {
             name: 100 * (b - a) / args.duration if a is not None and b is not None else None
-            for name, a, b in zip(("node", "camera", "recorder"), cpu0, cpu1, strict=True)
+            for name, a, b in zip(("node", "node_workers", "camera", "recorder"), cpu0, cpu1,
+                                  strict=True)  # fmt: skip
         },
         "cpu_count": os.cpu_count(),
         "keypoints": {"topic": "ground truth from the camera (topic)",
@@ -316,7 +337,8 @@ def _print(report: dict[str, Any], out: Path) -> None:
           f"{f(report['latency_ms_p95'])} ms  (image stamp -> /hands/mesh received; "
           f"{f(report['latency_over_pipeline'], '{:.2f}')}x the pipeline)")  # fmt: skip
     cpu = report["cpu_percent"]
-    print(f"  CPU (100 % = 1 core) node {f(cpu['node'])} %, camera {f(cpu['camera'])} %, "
+    print(f"  CPU (100 % = 1 core) node {f(cpu['node'])} % (+ its worker processes "
+          f"{f(cpu['node_workers'])} %), camera {f(cpu['camera'])} %, "
           f"recorder {f(cpu['recorder'])} % of {report['cpu_count']} cores")  # fmt: skip
     print(f"  IoU vs ground truth  {f(report['iou'], '{:.1f}')} % "
           f"({len(report['iou_frames'])} frames)")  # fmt: skip
