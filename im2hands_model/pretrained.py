@@ -63,6 +63,18 @@ def manifest(weights_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     return data
 
 
+def iso_level(name: str, weights_dir: str | os.PathLike | None = None) -> float | None:
+    """The iso-level the manifest ships with network ``name`` (chosen on validation scenes by
+    ``training/export_weights.py --iso-level-r``), or ``None`` where it records none."""
+    entry = manifest(weights_dir)["models"].get(name) or {}
+    level = (entry.get("iso_level") or {}).get("value")
+    if level is None:
+        return None
+    if not isinstance(level, int | float) or not 0.0 < float(level) < 1.0:
+        raise WeightsError(f"the manifest's iso-level of {name} must be in (0, 1), got {level!r}")
+    return float(level)
+
+
 def _entry(name: str, weights_dir: str | os.PathLike | None) -> tuple[dict, Path]:
     if name not in MODELS:
         raise ValueError(f"unknown network {name!r}; shipped: {', '.join(MODELS)}")

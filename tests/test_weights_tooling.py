@@ -426,3 +426,46 @@ def test_one_retrained_network_ships_beside_the_kept_ones(runs, tiny_dataset_dir
     assert torch.equal(next(iter(net.state_dict().values())),
                        next(iter(_state(again / "best.pt").values())))  # fmt: skip
     assert export_main(["--kpts-ref", str(again / "best.pt"), "--out", str(tmp_path / "none")]) == 2
+
+
+def test_r_ships_with_the_iso_level_chosen_on_validation(runs, tiny_dataset_dir, tmp_path):
+    """``--iso-level-r`` reads evaluate.py runs at several levels, records the best-IoU level
+    with R's entry, and the pipeline and evaluate.py then mesh I+R there unless told a level;
+    a newly exported R drops it, and results of different scenes are refused."""
+    from im2hands_model.pipeline.model import Im2Hands
+    from im2hands_model.pretrained import iso_level, manifest
+    from im2hands_model.training.export import ISO_LEVEL_TIE_IOU
+    from im2hands_model.training.export import main as export_main
+
+    weights = tmp_path / "weights"
+    args = [a for n, r in runs.items() for a in (f"--{n.replace('_', '-')}", str(r / "best.pt"))]
+    assert export_main([*args, "--out", str(weights)]) == 0
+    assert iso_level("ref_occ", weights) is None
+    sweep, rows = [], {}
+    for level in (0.35, 0.6):
+        out = tmp_path / f"val_{level}"
+        res = _evaluate(out, tiny_dataset_dir, ["--pretrained", str(weights), "--networks",
+                                                "init_occ,ref_occ", "--threshold-r", str(level)])
+        sweep.append(str(out))
+        rows[level] = res["variants"]["I+R"]
+    assert rows[0.35]["iou"] != rows[0.6]["iou"], "the levels gave the same meshes"
+    assert export_main(["--iso-level-r", *sweep, "--out", str(weights)]) == 0
+    best = max(r["iou"] for r in rows.values())
+    tied = [lv for lv, r in rows.items() if r["iou"] >= best - ISO_LEVEL_TIE_IOU]
+    want = min(tied, key=lambda lv: rows[lv]["penetration_cm3"])
+    entry = manifest(weights)["models"]["ref_occ"]["iso_level"]
+    assert entry["value"] == want and len(entry["candidates"]) == 2
+    assert Im2Hands.from_pretrained(weights, device="cpu").config.threshold_r == want
+    assert Im2Hands.from_pretrained(weights, device="cpu", threshold_r=0.5).config.threshold_r \
+        == 0.5
+    default = _evaluate(tmp_path / "default", tiny_dataset_dir,
+                        ["--pretrained", str(weights), "--networks", "init_occ,ref_occ"])
+    assert default["settings"]["threshold_r"] == want
+    assert default["variants"]["I+R"] == rows[want]
+
+    other = json.loads((Path(sweep[1]) / "results.json").read_text())
+    other["settings"]["data"] = "elsewhere"
+    (Path(sweep[1]) / "results.json").write_text(json.dumps(other))
+    assert export_main(["--iso-level-r", *sweep, "--out", str(weights)]) == 2
+    assert export_main(["--ref-occ", str(runs["ref_occ"] / "best.pt"), "--out", str(weights)]) == 0
+    assert iso_level("ref_occ", weights) is None  # chosen for the previous R

@@ -87,7 +87,8 @@ class PipelineConfig:
         refine_occupancy: run R.
         resolution: effective final grid cells per axis (``None``: 128 on CPU, 256 on GPU).
         coarse_resolution: MISE start grid (the paper's 32).
-        threshold_i, threshold_r: iso-levels of I and R (paper: 0.5, 0.45).
+        threshold_i, threshold_r: iso-levels of I and R (paper: 0.5, 0.45; ``from_pretrained``
+            takes R's from the weights where they ship one).
         cull_parts: I evaluates each point's ``cull_parts`` nearest parts only (``None``: all 16).
         dilate_final: dilate the active cells before the last MISE split too (paper protocol).
         reference: run the occupancy stages by the paper protocol instead (slow; for the
@@ -267,9 +268,11 @@ class Im2Hands:
             device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
             backend: ``torch``, or ``onnxruntime`` (networks exported to ONNX on first use,
                 CUDA/TensorRT execution providers where available).
-            **config: fields of :class:`PipelineConfig`.
+            **config: fields of :class:`PipelineConfig`. Without ``threshold_r`` I+R is
+                meshed at the iso-level the weights ship with R (chosen on validation scenes),
+                else at the paper's.
         """
-        from im2hands_model.pretrained import load_pretrained
+        from im2hands_model.pretrained import iso_level, load_pretrained
 
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -280,6 +283,8 @@ class Im2Hands:
             raise ValueError("device 'cuda' requested but torch sees no CUDA device")
         nets = {name: load_pretrained(name, dev, path) for name in ("kpts_pred", "kpts_ref",
                                                                   "halo", "ref_occ")}  # fmt: skip
+        if "threshold_r" not in config and (level := iso_level("ref_occ", path)) is not None:
+            config["threshold_r"] = level
         model = cls(nets, PipelineConfig(**config), dev, "torch")
         model.source = {"path": None if path is None else str(path), "device": str(dev),
                         "backend": backend}  # fmt: skip

@@ -853,10 +853,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--threshold-r",
         type=float,
-        default=THRESHOLD_R,
+        default=None,
         metavar="T",
-        help=f"iso-level of the I+R meshes (default {THRESHOLD_R}, the paper's; I and HALO use "
-        f"{THRESHOLD_I}): a lower level grows R's hands, a higher one shrinks them",
+        help="iso-level of the I+R meshes (default: the one --pretrained weights ship with R, "
+        f"else {THRESHOLD_R}, the paper's; I and HALO use {THRESHOLD_I}): a lower level grows "
+        "R's hands, a higher one shrinks them",
     )
     p.add_argument(
         "--cache",
@@ -882,6 +883,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--jobs must be >= 1")
     if args.scenes is not None and args.scenes <= 0:
         p.error("--scenes must be positive")
+    if args.threshold_r is None:
+        from im2hands_model.pretrained import iso_level
+
+        shipped = iso_level("ref_occ", args.pretrained or None) if args.pretrained is not None \
+            else None
+        args.threshold_r = THRESHOLD_R if shipped is None else shipped
     if not 0.0 < args.threshold_r < 1.0:
         p.error("--threshold-r must lie strictly between 0 and 1")
     if args.resolution < 2 or args.upsampling_steps < 0:

@@ -6,7 +6,11 @@ data it saw), the training data seeds and scene counts (read from the datasets' 
 steps of every round (a run warm-started from another lists both), which checkpoint of each round
 it came from with that checkpoint's validation value and the round's best,
 the file's size and SHA-256, and the date. ``--results`` adds the held-out test table
-(``training/evaluate.py``'s ``results.json``) to the manifest.
+(``training/evaluate.py``'s ``results.json``) to the manifest. ``--iso-level-r`` takes the
+``results.json`` of ``evaluate.py --threshold-r`` runs on validation scenes, one per level, and
+ships the level of the best I+R IoU (the lower penetration among levels within 0.05 points) with
+R's entry; the pipeline meshes I+R at that level unless told otherwise. A newly exported R drops
+the old level: it was chosen for other weights.
 
 A network not given keeps the file and manifest entry it already has in the weights folder
 (retrain one network, ship it, keep the others); a run warm-started from a shipped
@@ -175,6 +179,51 @@ def export(runs: dict[str, Path], out_dir: Path, results: Path | None, notes: st
     return data
 
 
+#: IoU differences below this (points) count as ties, decided by the lower penetration.
+ISO_LEVEL_TIE_IOU = 0.05
+
+
+def choose_iso_level(sweep: list[Path], variant: str = "I+R") -> dict[str, Any]:
+    """The manifest's ``iso_level`` record from ``evaluate.py`` runs at several levels: each
+    level's IoU, penetration and contact, and the chosen one (module docstring)."""
+    rows, data = [], set()
+    for folder in sweep:
+        path = Path(folder) / "results.json" if Path(folder).is_dir() else Path(folder)
+        summary = json.loads(path.read_text())
+        settings = summary.get("settings", {})
+        entry = summary.get("variants", {}).get(variant)
+        if entry is None or "threshold_r" not in settings:
+            raise ValueError(f"{path} has no {variant} row or no threshold_r: not an "
+                             "evaluate.py --threshold-r result")  # fmt: skip
+        data.add((settings.get("data"), settings.get("scenes")))
+        rows.append({"level": float(settings["threshold_r"]), "iou": float(entry["iou"]),
+                     "penetration_cm3": entry.get("penetration_cm3"),
+                     "contact_cm2": entry.get("contact_cm2")})  # fmt: skip
+    if len({r["level"] for r in rows}) < 2:
+        raise ValueError("give evaluate.py results of at least two different levels")
+    if len(data) != 1:
+        raise ValueError(f"the results come from different scenes: {sorted(map(str, data))}")
+    best_iou = max(r["iou"] for r in rows)
+    tied = [r for r in rows if r["iou"] >= best_iou - ISO_LEVEL_TIE_IOU]
+    chosen = min(tied, key=lambda r: (r["penetration_cm3"] or 0.0, -r["iou"]))
+    (folder_name, scenes), = data
+    return {"value": chosen["level"], "variant": variant, "chosen_on": folder_name,
+            "scenes": scenes, "rule": f"best IoU; within {ISO_LEVEL_TIE_IOU} points the lower "
+            "penetration", "candidates": sorted(rows, key=lambda r: r["level"]),
+            "date": _dt.date.today().isoformat()}  # fmt: skip
+
+
+def set_iso_level(out_dir: Path, choice: dict[str, Any], name: str = "ref_occ") -> None:
+    """Record ``choice`` (:func:`choose_iso_level`) with ``name``'s manifest entry."""
+    path = out_dir / MANIFEST
+    data = json.loads(path.read_text())
+    if name not in data.get("models", {}):
+        raise ValueError(f"{path} has no {name} entry to give an iso-level")
+    data["models"][name]["iso_level"] = choice
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="training/export_weights.py", description=__doc__.split("\n")[0]
@@ -188,13 +237,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=None,
                    help="evaluate.py results.json to record in the manifest")  # fmt: skip
     p.add_argument("--notes", default="", help="free text stored in the manifest")
+    p.add_argument("--iso-level-r", nargs="+", type=Path, default=None, metavar="RESULTS",
+                   help="evaluate.py --threshold-r outputs on validation scenes, one per level: "
+                        "ship the best level with R (alone, or after exporting runs)")  # fmt: skip
     args = p.parse_args(argv)
     runs = {name: getattr(args, name) for name in MODELS if getattr(args, name) is not None}
-    if not runs:
-        p.error("give at least one run")
+    if not runs and not args.iso_level_r:
+        p.error("give at least one run, or --iso-level-r")
     try:
-        data = export(runs, args.out, args.results, args.notes)
-    except (FileNotFoundError, ValueError) as exc:
+        if runs:
+            data = export(runs, args.out, args.results, args.notes)
+        if args.iso_level_r:
+            choice = choose_iso_level(args.iso_level_r)
+            set_iso_level(args.out, choice)
+            levels = ", ".join(f"{r['level']:g}" for r in choice["candidates"])
+            print(f"R's iso-level {choice['value']:g} (of {levels}; {choice['rule']}) -> "
+                  f"{args.out / MANIFEST}")  # fmt: skip
+            if not runs:
+                return 0
+    except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     total = sum(m["bytes"] for m in data["models"].values())
