@@ -7,7 +7,7 @@
     I          = InitialField(crop, keypoints)    # per-hand implicit occupancy
     meshes     = MISE + marching cubes of I       # 0.5 level
     I+R        = RefinedField(I, I's meshes)      # two-hand refinement            (optional)
-    meshes     = marching cubes of I+R            # 0.45 level, R on a band around I's surface
+    meshes     = marching cubes of I+R            # R's shipped level, R on a band near I's surface
     contacts   = hand_contacts(meshes)
 
 Nothing needs ground truth: the keypoint source finds the hands, a training-style square crop is
