@@ -13,6 +13,7 @@ from im2hands_model.networks.backbone import ImageEncoder, ImageFeatures
 from im2hands_model.networks.point_ops import farthest_point_sample, gather_points, knn
 from im2hands_model.networks.ref_occ import (
     TwoHandRefinement,
+    overlap_indices,
     penetration_loss,
     sample_anchors,
 )
@@ -310,6 +311,28 @@ def test_sample_anchors_lie_near_the_initial_surface_and_spread():
     assert float(((narrow[0, 0] - center).norm(dim=-1) - r0).abs().max()) < 0.005
     with pytest.raises(ValueError):
         sample_anchors(pts, logits, present, num=p + 1)
+
+
+def test_overlap_indices_pick_each_hands_points_inside_the_other():
+    gen = torch.Generator().manual_seed(1)
+    b, c, r0 = 1, 4000, 0.05
+    centres = torch.tensor([[0.0, 0.0, 0.5], [0.07, 0.0, 0.5]])  # spheres 7 cm apart: a lens
+    cand = centres[:, None] + 0.08 * (2 * torch.rand(b, 2, c, 3, generator=gen) - 1)
+    queries = cand.reshape(b, 2 * c, 3)  # hand 0's candidates first
+    dist = (queries[:, None] - centres[None, :, None]).norm(dim=-1)  # [B, 2, 2C]
+    logits = (r0 - dist) * 400.0
+    picked = overlap_indices(logits, torch.ones(b, 2, dtype=torch.bool), num=50)
+    assert picked.shape == (b, 2, 50) and picked.dtype == torch.int64
+    for h in (0, 1):
+        pts = cand[0, h, picked[0, h]]
+        inside = ((pts[:, None] - centres[None]).norm(dim=-1) < r0 + 0.002).all(dim=1)
+        assert bool(inside.all()), f"hand {h}: {int((~inside).sum())} points outside the lens"
+        assert len(set(picked[0, h].tolist())) == 50
+    # the lens is a small part of each hand's box: chance alone would not pick only lens points
+    lens = ((cand[0, 0, :, None] - centres[None]).norm(dim=-1) < r0).all(dim=1)
+    assert int(lens.sum()) < 0.2 * c
+    with pytest.raises(ValueError, match="num"):
+        overlap_indices(logits, torch.ones(b, 2, dtype=torch.bool), num=c + 1)
 
 
 # ---------------------------------------------------------------------------- real data

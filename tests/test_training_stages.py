@@ -83,6 +83,30 @@ def test_ref_occ_trains_with_i_frozen(init_run, tiny_dataset_dir, tmp_path):
     assert after["config"]["init"]["init_occ_model"]["hidden"] == 32
 
 
+def test_ref_occ_goes_on_from_the_shipped_i_with_overlap_points(tiny_dataset_dir, tmp_path):
+    """R trained on the shipped I (frozen) with extra points where I's two hands overlap: those
+    points carry far more two-hand overlap than the stored ones, so the new loss term is real."""
+    from im2hands_model.pretrained import load_state
+
+    steps = 6
+    cfg = _cfg("ref_occ", tiny_dataset_dir, tmp_path, steps,
+               ["data.points_per_hand=256", "init.init_occ_checkpoint=pretrained",
+                "model.refine={dim: 16, num_anchors: 32, latent_dim: 16, hidden: 16}",
+                "model.anchor_candidates=256", "train.batch_size=2", "loss.overlap_weight=1.0",
+                "loss.overlap_points=32", "loss.overlap_pool=256"])  # fmt: skip
+    assert train(cfg)["step"] == steps
+    after = torch.load(tmp_path / "last.pt", weights_only=True)
+    shipped, entry = load_state("init_occ")
+    for k, v in shipped.items():  # the shipped I, frozen
+        assert torch.equal(after["model"][f"init.{k}"], v), k
+    assert after["config"]["init"]["init_occ_model"] == entry["config"]["model"]
+    lines = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    overlap = np.array([x["terms"]["overlap_penetration"] for x in lines if "terms" in x])
+    regular = np.array([x["terms"]["penetration"] for x in lines if "terms" in x])
+    assert len(overlap) == steps and np.isfinite(overlap).all()
+    assert overlap.mean() > 3 * regular.mean() > 0, (overlap, regular)
+
+
 def test_ref_occ_without_an_i_checkpoint_fails_clearly(tiny_dataset_dir, tmp_path):
     cfg = _cfg("ref_occ", tiny_dataset_dir, tmp_path, 2,
                [f"init.init_occ_checkpoint={tmp_path / 'missing.pt'}"])  # fmt: skip

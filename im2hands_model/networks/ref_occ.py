@@ -66,6 +66,7 @@ __all__ = [
     "RefinementKernels",
     "TwoHandRefinement",
     "mesh_anchors",
+    "overlap_indices",
     "penetration_loss",
     "sample_anchors",
 ]
@@ -613,6 +614,35 @@ def penetration_loss(logits: Tensor, hand_of_query: Tensor, present: Tensor) -> 
 
 
 @torch.no_grad()
+def overlap_indices(init_logits: Tensor, present: Tensor, num: int) -> Tensor:
+    """Each hand's candidates where I's two hands overlap most (the training-time sampler of
+    R's penetration points).
+
+    R's penetration loss sees an overlap only at training points inside both hands, which the
+    stored points (near each hand's own surface or uniform in its box) rarely are. Among each
+    hand's candidates this keeps the ``num`` with the largest ``sigmoid(I_0) * sigmoid(I_1)``:
+    points inside both of I's hands, and next to them the other hand's surface where it runs
+    inside this one -- where R has to move a surface apart.
+
+    Args:
+        init_logits: ``[B, 2, 2C]`` I's logits of both hands at both hands' ``C`` candidates
+            (hand 0's first, as :meth:`RefinedOccupancy.init_logits` gives them).
+        present: ``[B, 2]`` bool; scenes without both hands get arbitrary (valid) indices.
+        num: points per hand (``<= C``).
+
+    Returns:
+        ``[B, 2, num]`` int64 indices into each hand's ``C`` candidates.
+    """
+    b, two, q = init_logits.shape
+    if two != 2 or q % 2 or not 0 < num <= q // 2:
+        raise ValueError(f"overlap_indices: logits [B, 2, 2C] and 0 < num <= C expected, got "
+                         f"{tuple(init_logits.shape)} and num={num}")  # fmt: skip
+    prob = torch.sigmoid(init_logits)
+    both = (prob[:, 0] * prob[:, 1]).view(b, 2, q // 2)  # [B, hand whose candidate, C]
+    return both.topk(num, dim=-1).indices
+
+
+@torch.no_grad()
 def sample_anchors(
     points: Tensor,
     init_logits_own: Tensor,
@@ -858,15 +888,29 @@ class RefinedOccupancy(nn.Module):
         present: Tensor,
         gen: torch.Generator | None = None,
         candidates_norm: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
+        overlap_pool: Tensor | None = None,
+        overlap_num: int = 0,
+    ) -> tuple[Tensor, ...]:
         """The training computation: anchors among ``candidates_norm [B, 2, C, 3]`` (default:
         the first ``anchor_candidates`` of ``points_norm``), then :meth:`score` at
-        ``points_norm`` (shapes as in :meth:`score`)."""
+        ``points_norm`` (shapes as in :meth:`score`).
+
+        With ``overlap_pool [B, 2, C', 3]`` (each hand's points, its normalised space) and
+        ``overlap_num``, each hand's ``overlap_num`` pool points where I's hands overlap most
+        (:func:`overlap_indices`) are scored too, after that hand's ``points_norm``; the third
+        item returned is their ``[B, 2, overlap_num]`` indices into the pool.
+        """
         if candidates_norm is None:
             candidates_norm = points_norm
         candidates_norm = candidates_norm[:, :, : self.anchor_candidates]
         state = self.prepare(joints, K, image, present, candidates_norm=candidates_norm, gen=gen)
-        return self.score(state, points_norm)
+        if overlap_pool is None or overlap_num <= 0:
+            return self.score(state, points_norm)
+        _, pool_logits = self.init_logits(state, overlap_pool)
+        picked = overlap_indices(pool_logits, present, overlap_num)
+        extra = torch.gather(overlap_pool, 2, picked[..., None].expand(-1, -1, -1, 3))
+        init_logits, refined = self.score(state, torch.cat([points_norm, extra], 2))
+        return init_logits, refined, picked
 
 
 def refinement_state(

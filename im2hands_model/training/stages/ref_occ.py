@@ -3,13 +3,17 @@
 Config (besides the engine's keys)::
 
     init:
-      init_occ_checkpoint: runs/init_occ/best.pt   # I's checkpoint (its config builds I)
+      init_occ_checkpoint: runs/init_occ/best.pt   # I's checkpoint (its config builds I), or
+                                                   # "pretrained": the shipped I
     model:
       encoder: {depth: resnet18, base_width: 16, feature_dim: 32, global_dim: 128}  # R's own
       refine: {dim: 64, num_anchors: 512, latent_dim: 128, hidden: 128}   # TwoHandRefinement
       anchor_candidates: 2048      # each hand's points I scores to find anchors on its surface
     loss:
       penetration_weight: 0.001
+      overlap_weight: 0.0          # the penetration loss again, at the points where I overlaps
+      overlap_points: 128          # ... per hand, the most overlapping of
+      overlap_pool: 1024           # ... this many of its stored points
     data:
       points_per_hand: 2048
 
@@ -18,6 +22,12 @@ are picked near I's 0.5 level among each hand's points and spread by farthest-po
 (:func:`~im2hands_model.networks.ref_occ.sample_anchors`); R refines both hands' logits at all
 points. Loss (SPEC §3.3): MSE of each hand's occupancy on its own points + ``penetration_weight`` x
 the penetration loss (one hand's occupancy times the other's over both hands' points).
+
+The training points rarely lie inside both hands, so that loss hardly sees I's overlaps. With
+``overlap_weight > 0`` each hand also gets the ``overlap_points`` of its stored points where I's
+two hands overlap most (:func:`~im2hands_model.networks.ref_occ.overlap_indices`): their own
+occupancy joins the MSE (the hand keeps what is its), and their penetration loss is added with
+``overlap_weight`` -- so R learns to push the other hand's surface out there.
 """
 
 from __future__ import annotations
@@ -40,9 +50,19 @@ from im2hands_model.training.stages.occupancy_common import (
     subsample_points,
 )
 
+#: ``init.init_occ_checkpoint`` value for the shipped I (``im2hands_model/weights``)
+PRETRAINED_INIT = "pretrained"
+
 
 def load_init_occ(path: str | os.PathLike) -> TwoHandInitialOccupancy:
-    """A trained I from an ``init_occ`` checkpoint (read with ``weights_only=True``)."""
+    """A trained I from an ``init_occ`` checkpoint (read with ``weights_only=True``), or the
+    shipped one for :data:`PRETRAINED_INIT` (to go on training the shipped R without its runs)."""
+    if str(path) == PRETRAINED_INIT:
+        from im2hands_model.pretrained import load_pretrained, manifest
+
+        net = load_pretrained("init_occ")
+        net.config = dict(manifest()["models"]["init_occ"]["config"].get("model", {}))
+        return net
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -66,7 +86,14 @@ class RefOccStage:
     def __init__(self, cfg: dict) -> None:
         self.cfg = cfg
         self.points = int(cfg.get("data", {}).get("points_per_hand", 2048))
-        self.pen_weight = float(cfg.get("loss", {}).get("penetration_weight", 0.001))
+        loss = cfg.get("loss", {})
+        self.pen_weight = float(loss.get("penetration_weight", 0.001))
+        self.overlap_weight = float(loss.get("overlap_weight", 0.0))
+        self.overlap_points = int(loss.get("overlap_points", 128))
+        self.overlap_pool = int(loss.get("overlap_pool", 1024))
+        if self.overlap_weight < 0 or self.overlap_points < 1 or self.overlap_pool < 1:
+            raise ValueError("loss.overlap_weight must be >= 0 and loss.overlap_points, "
+                             "loss.overlap_pool positive")  # fmt: skip
         ckpt = cfg.get("init", {}).get("init_occ_checkpoint")
         if not ckpt:
             raise ValueError("ref_occ needs init.init_occ_checkpoint (a trained init_occ run)")
@@ -79,21 +106,30 @@ class RefOccStage:
         return RefinedOccupancy.from_config(self.cfg, init).to(device)
 
     def _losses(
-        self, refined: Tensor, labels: Tensor, present: Tensor
+        self, refined: Tensor, labels: Tensor, present: Tensor, overlap: int = 0
     ) -> tuple[Tensor, dict[str, float]]:
+        """The loss at each hand's ``P`` points, the last ``overlap`` of them the overlap
+        points (their own occupancy in the MSE; their penetration weighted apart)."""
         occ = torch.sigmoid(own_points(refined))
         mse = ((occ - labels) ** 2).mean(-1)
         w = present.to(mse.dtype)
         mse = (mse * w).sum() / w.sum().clamp_min(1.0)
         p = labels.shape[-1]
-        hand_of_query = (
-            torch.cat([torch.zeros(p, dtype=torch.long), torch.ones(p, dtype=torch.long)])
-            .to(refined.device)[None]
-            .expand(refined.shape[0], -1)
-        )
-        pen = penetration_loss(refined, hand_of_query, present)
+        regular = torch.arange(p, device=refined.device) < p - overlap  # [P]
+        ignore = torch.full((p,), -1, dtype=torch.long, device=refined.device)
+
+        def owners(cols: Tensor) -> Tensor:  # hand of each query where ``cols``, else ignored
+            hand = [torch.where(cols, torch.full_like(ignore, h), ignore) for h in (0, 1)]
+            return torch.cat(hand)[None].expand(refined.shape[0], -1)
+
+        pen = penetration_loss(refined, owners(regular), present)
         loss = mse + self.pen_weight * pen
-        return loss, {"mse": float(mse.detach()), "penetration": float(pen.detach())}
+        terms = {"mse": float(mse.detach()), "penetration": float(pen.detach())}
+        if overlap:
+            pen_overlap = penetration_loss(refined, owners(~regular), present)
+            loss = loss + self.overlap_weight * pen_overlap
+            terms["overlap_penetration"] = float(pen_overlap.detach())
+        return loss, terms
 
     def loss(
         self, model: nn.Module, batch: dict[str, Tensor], gen: torch.Generator
@@ -101,12 +137,19 @@ class RefOccStage:
         points, labels = subsample_points(
             batch["occ_points"], batch["occ_labels"], self.points, gen
         )
+        inputs = (batch["joints_3d"], batch["K"], batch["image"], batch["hand_present"], gen,
+                  batch["occ_points"])  # fmt: skip
         # anchors come from the stored points (half of them near the surface), not the subsample
-        init_logits, refined = model(
-            points, batch["joints_3d"], batch["K"], batch["image"], batch["hand_present"], gen,
-            batch["occ_points"],
-        )  # fmt: skip
-        return self._losses(refined, labels, batch["hand_present"])
+        if self.overlap_weight == 0:
+            _, refined = model(points, *inputs)
+            return self._losses(refined, labels, batch["hand_present"])
+        pool, pool_labels = subsample_points(
+            batch["occ_points"], batch["occ_labels"], self.overlap_pool, gen
+        )
+        num = min(self.overlap_points, pool.shape[2])
+        _, refined, picked = model(points, *inputs, overlap_pool=pool, overlap_num=num)
+        labels = torch.cat([labels, torch.gather(pool_labels, 2, picked)], 2)
+        return self._losses(refined, labels, batch["hand_present"], overlap=num)
 
     @torch.no_grad()
     def validate(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, float]:
